@@ -1,0 +1,1 @@
+"""training: tasks, tokenizer, data synthesis, tiny models, pretraining and SFT."""
