@@ -1,0 +1,65 @@
+"""Corpora as padded token tensors with a loss mask over completion tokens (and the final EOS)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from training.errors import UsageError
+from training.schema import Problem, iter_jsonl
+from training.tokenizer import WordTokenizer
+
+
+@dataclass
+class TokenizedCorpus:
+    ids: Int[Tensor, "examples pos"]
+    loss_mask: Bool[Tensor, "examples pos"]
+    """True where position t's next-token prediction (of token t+1) is trained."""
+    lengths: Int[Tensor, " examples"]
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def tokenize_problems(problems, tokenizer: WordTokenizer, max_len: int) -> TokenizedCorpus:
+    rows, prompt_lens = [], []
+    for p in problems:
+        prompt = tokenizer.encode(p.prompt)
+        completion = tokenizer.encode(p.completion)
+        seq = prompt + completion + [tokenizer.eos_id]
+        if len(seq) > max_len:
+            raise UsageError(f"an example has {len(seq)} tokens, more than the model's context {max_len}")
+        rows.append(seq)
+        prompt_lens.append(len(prompt))
+    n, T = len(rows), max(len(r) for r in rows)
+    ids = torch.full((n, T), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((n, T), dtype=torch.bool)
+    lengths = torch.tensor([len(r) for r in rows])
+    for i, (r, pl) in enumerate(zip(rows, prompt_lens)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, pl - 1 : len(r) - 1] = True  # predict every completion token and the EOS
+    return TokenizedCorpus(ids, mask, lengths)
+
+
+def load_corpus(path: str | Path, tokenizer: WordTokenizer, max_len: int) -> TokenizedCorpus:
+    problems: list[Problem] = list(iter_jsonl(path))
+    if not problems:
+        raise UsageError(f"{path} holds no problems")
+    return tokenize_problems(problems, tokenizer, max_len)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> Int[Tensor, " batch"]:
+    """Example indices of one step: epoch-wise permutations derived from (seed, epoch) alone, so a
+    resumed run sees exactly the batches an uninterrupted one would."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return torch.tensor(out)

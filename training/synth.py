@@ -1,0 +1,145 @@
+"""Data synthesis: the diverse pretraining corpus, the fork-heavy SFT corpus, the held-out eval set.
+
+Each corpus is a JSONL file in the annotated schema plus one manifest (config, seed, counts, realised
+fork prevalence per kind, file hashes). The manifest hash is what checkpoints record, so a
+checkpoint always says which data made it. Existing data with the same recipe is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.config import DataConfig, ExperimentConfig
+from training.errors import UsageError
+from training.io import read_json, sha256_file, sha256_json, write_json
+from training.schema import KINDS, Problem, write_jsonl
+from training.tasks import get_task
+from training.tasks.base import Task
+
+# Independent streams per corpus, so changing one corpus's size never changes another's problems.
+_STREAM = {"pretrain": 1, "sft": 2, "eval": 3}
+
+
+def _rng(seed: int, corpus: str) -> np.random.Generator:
+    return np.random.default_rng([seed, _STREAM[corpus]])
+
+
+def split_counts(total: int, shares: dict[str, float]) -> dict[str, int]:
+    """Largest-remainder rounding, so counts sum to ``total`` and follow ``shares``."""
+    norm = sum(shares.values())
+    raw = {k: total * v / norm for k, v in shares.items()}
+    counts = {k: int(np.floor(v)) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: raw[k] - counts[k], reverse=True)[: total - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def sft_mix(data: DataConfig) -> dict[str, float]:
+    rest = 1.0 - data.decipherable_share
+    return {
+        "decipherable": data.decipherable_share,
+        "multi-valid": rest * data.prevalence,
+        "indecipherable": rest * (1.0 - data.prevalence),
+    }
+
+
+def make_pretrain(task: Task, n: int, seed: int) -> list[Problem]:
+    rng = _rng(seed, "pretrain")
+    return [task.pretrain_example(rng) for _ in range(n)]
+
+
+def make_sft(task: Task, data: DataConfig, seed: int) -> list[Problem]:
+    """Correct demonstrations; the kind mix is the fork-prevalence knob, the policy is the
+    demonstration at multi-valid forks."""
+    rng = _rng(seed, "sft")
+    counts = split_counts(data.n_sft, sft_mix(data))
+    out: list[Problem] = []
+    for kind in KINDS:
+        made: list[Problem] = []
+        while len(made) < counts[kind]:
+            if kind != "multi-valid":
+                made.append(task.problem(kind, rng))
+            elif data.policy == "paired":  # every valid demonstration of one problem, differing only at the fork
+                state = rng.bit_generator.state
+                first = task.problem(kind, rng, demo=0)
+                after = rng.bit_generator.state
+                made.append(first)
+                for demo in range(1, len(first.decision_points[0].valid)):
+                    rng.bit_generator.state = state
+                    made.append(task.problem(kind, rng, demo=demo))
+                rng.bit_generator.state = after
+            else:  # balanced cycles through the valid branches, so each is shown equally often
+                made.append(task.problem(kind, rng, demo=len(made) if data.policy == "balanced" else 0))
+        out += made[: counts[kind]]
+    out = [out[i] for i in rng.permutation(len(out))]
+    return out[: data.n_sft]
+
+
+def make_eval(task: Task, data: DataConfig, seed: int, exclude: set[str]) -> list[Problem]:
+    """Held-out problems of every kind, none sharing a graph with the training corpora."""
+    rng = _rng(seed, "eval")
+    counts = split_counts(data.n_eval, data.eval_mix)
+    out = []
+    for kind in KINDS:
+        made = 0
+        tries = 0
+        while made < counts[kind]:
+            p = task.problem(kind, rng)
+            tries += 1
+            if task.key(p) in exclude:
+                if tries > 100 * counts[kind] + 1000:
+                    raise UsageError("cannot find eval problems disjoint from training; make the task larger")
+                continue
+            out.append(p)
+            made += 1
+    return out
+
+
+def prevalence(problems: list[Problem]) -> dict[str, float]:
+    """Fork prevalence: the share of examples with at least one decision point of each kind."""
+    c: Counter[str] = Counter()
+    for p in problems:
+        c.update(p.kinds)
+    n = max(len(problems), 1)
+    return {k: c[k] / n for k in KINDS}
+
+
+def data_recipe(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"seed": cfg.seed, "task": cfg.task, "data": dataclasses.asdict(cfg.data)}
+
+
+def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print) -> dict[str, Any]:
+    """Write ``pretrain.jsonl``, ``sft.jsonl``, ``eval.jsonl`` and ``manifest.json``; reuse if done."""
+    out_dir = Path(out_dir)
+    recipe = data_recipe(cfg)
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.is_file():
+        old = read_json(manifest_path)
+        if old.get("recipe") == recipe and all((out_dir / f).is_file() for f in old["files"]):
+            return old
+        raise UsageError(
+            f"{out_dir} holds data made with another recipe; use another --out or delete {out_dir}"
+        )
+    task = get_task(cfg.task)
+    pre = make_pretrain(task, cfg.data.n_pretrain, cfg.seed)
+    sft = make_sft(task, cfg.data, cfg.seed)
+    seen = {task.key(p) for p in pre} | {task.key(p) for p in sft}
+    ev = make_eval(task, cfg.data, cfg.seed, seen)
+    files = {}
+    for name, problems in (("pretrain", pre), ("sft", sft), ("eval", ev)):
+        path = write_jsonl(out_dir / f"{name}.jsonl", problems)
+        files[path.name] = {
+            "count": len(problems),
+            "sha256": sha256_file(path),
+            "prevalence": prevalence(problems),
+        }
+    manifest = {"recipe": recipe, "files": files, "sft_mix": sft_mix(cfg.data)}
+    manifest["hash"] = sha256_json(manifest)
+    write_json(manifest_path, manifest)
+    log(f"data: {len(pre)} pretrain, {len(sft)} sft, {len(ev)} eval problems -> {out_dir}")
+    return manifest
