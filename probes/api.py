@@ -31,3 +31,61 @@ def train(
 
         torch.set_num_threads(cfg.threads)
     return _train(cfg, out or Path("runs") / cfg.name, device=device, progress=progress, log=log)
+
+
+def run(checkpoints, out=None, **kwargs):
+    """Measure checkpoints on an annotated eval set; see :func:`probes.run.run`."""
+    from probes.run import run as _run
+
+    return _run(checkpoints, out=out, **kwargs)
+
+
+def load_results(results_dir):
+    """Read a results directory's tidy table back (see :func:`probes.run.load_results`)."""
+    from probes.run import load_results as _load
+
+    return _load(results_dir)
+
+
+def figures(results: str | Path, out: str | Path | None = None, formats: Sequence[str] = ("pdf", "png"), log=print):
+    """Paper figures and ``report.md`` from a results directory alone (no model needed).
+
+    Returns (figure files, skipped messages, report path).
+    """
+    from analysis.figures import make_figures
+    from analysis.report import write_report
+    from training.errors import UsageError
+    from training.io import read_json
+
+    results = Path(results)
+    df = load_results(results)
+    formats = [f.strip().lower() for f in formats if f.strip()]
+    bad = [f for f in formats if f not in ("pdf", "png", "svg")]
+    if bad or not formats:
+        raise UsageError(f"unknown figure format {bad[0] if bad else '(none)'!r}; use pdf, png or svg (comma-separated)")
+    out_dir = Path(out) if out else results / "figures"
+    files, skipped = make_figures(df, out_dir, formats=formats)
+    manifest_path = results / "manifest.json"
+    manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    report = write_report(df, out_dir, manifest=manifest, figure_files=files, skipped=skipped)
+    for msg in skipped:
+        log(msg)
+    log(f"{len(files)} figure files and {report} written")
+    return files, skipped, report
+
+
+def demo(out: str | Path = "runs/demo", device: str | None = None, progress: bool = True,
+         overrides: Sequence[str] | None = None, log=print):
+    """The embedded default end to end: data, base pretraining, SFT with checkpoints, ``probes
+    run`` on every SFT checkpoint (step 0 is the base model), figures and the report."""
+    import time
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    cfg = load_config(None, list(overrides or []))
+    train(cfg, out=out, device=device, progress=progress, log=log)
+    df = run([str(out / "checkpoints" / "sft-step*")], out=out / "results", device=device, progress=progress,
+             samples=cfg.eval.samples, strategies=[cfg.eval.strategy], seed=cfg.eval.seed, log=log)
+    files, skipped, report = figures(out / "results", log=log)
+    log(f"demo finished in {time.perf_counter() - t0:.0f}s; the report is {report}")
+    return df, report

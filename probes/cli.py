@@ -42,6 +42,7 @@ def _run(args: argparse.Namespace) -> None:
         device=args.device,
         force=args.force,
         progress=not args.quiet,
+        k=args.k,
         **({"dtype": args.dtype} if getattr(args, "dtype", None) else {}),
         **({"verifier": args.verifier} if getattr(args, "verifier", None) else {}),
         **({"answer_prefix": args.answer_prefix} if getattr(args, "answer_prefix", None) else {}),
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="results directory (default: results/ beside the checkpoints' run directory)")
     r.add_argument("--eval", help="annotated JSONL eval set (default: the one in the checkpoints' data manifest)")
     r.add_argument("--samples", type=int, default=None, help="samples per problem for pass@k (default 32)")
+    r.add_argument("--k", type=int, nargs="+", default=None, help="pass@k's k values (default 1, 2, 4, ... up to --samples)")
     r.add_argument("--strategy", action="append", default=None, metavar="NAME", help="decoding strategy, repeatable (default temperature:1.0)")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     r.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype (Hugging Face checkpoints)")

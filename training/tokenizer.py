@@ -82,6 +82,12 @@ class WordTokenizer:
             raise UsageError(f"branch {branch!r} starts with a word the tokenizer does not know")
         return tok
 
+    def fingerprint(self) -> str:
+        """Identity of the vocabulary, to refuse mixing checkpoints that tokenize differently."""
+        import hashlib
+
+        return "word:" + hashlib.sha256("\n".join(self.vocab).encode()).hexdigest()[:16]
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "vocab": self.vocab}
 
