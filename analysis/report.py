@@ -1,0 +1,364 @@
+"""A short Markdown report from the results table: key numbers, the figures, and the run's manifest.
+
+Every number in the report is read from the table through :func:`key_numbers` (which tests compare
+against the table), so the text cannot drift from the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.figures import (
+    FIGURES,
+    _checkpoint_info,
+    _kind_rows,
+    _pick_kind,
+    _require_columns,
+    base_checkpoint,
+    checkpoint_order,
+    default_strategy,
+    is_sweep_table,
+    pick_k,
+    sweep_shrinkage,
+    sweep_spearman,
+    sweep_summary,
+)
+from analysis.table import KINDS
+from training.errors import UsageError
+
+__all__ = ["COLLAPSE_FRACTION", "key_numbers", "write_report"]
+
+COLLAPSE_FRACTION = 0.9
+"""The collapse layer is the first lens layer whose top-branch share reaches this fraction of the last layer's."""
+
+_CAPTIONS = {
+    "coverage_curves": "pass@k against k for every checkpoint (base in black; bands: 95% bootstrap intervals over problems).",
+    "dynamics": "pass@1 and pass@16, entropy at forks per kind (nats; dashed: ordinary positions) and top-branch share per kind, over SFT steps.",
+    "lens_mass_top_branch": "Logit lens: top-branch share per layer (y) and checkpoint (x) at indecipherable forks.",
+    "lens_mass_valid": "Logit lens: mass on the valid branches per layer and checkpoint.",
+    "probes": "Linear probes per layer and checkpoint: accuracy (top) and selectivity = accuracy minus control-task accuracy (bottom), for the taken and the valid branch.",
+    "entropy_vs_coverage": "Entropy at forks against the coverage gap pass@16 − pass@1, one point per checkpoint; Pearson r and Spearman ρ in the legend.",
+    "shrinkage_vs_prevalence": "Coverage shrinkage (base − final SFT pass@16, top) and pass@1 gain (bottom) against fork prevalence; mean ± s.d. over seeds.",
+    "sweep_coverage": "pass@k curves of the base, the final SFT model per data policy, and canonical SFT with the diversity decoding strategy.",
+}
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def _one(df: pd.DataFrame, checkpoint: str, metric: str, **match: Any) -> dict[str, float] | None:
+    """The single row of `metric` for `checkpoint` matching `match` (kind 'all' also matches ''), or None."""
+    sub = df[(df["checkpoint"] == checkpoint) & (df["metric"] == metric)]
+    if "kind" in match:
+        sub = _kind_rows(sub, match.pop("kind"))
+    for col, val in match.items():
+        sub = sub[sub[col] == val]
+    if sub.empty:
+        return None
+    r = sub.iloc[0]
+    return {"value": float(r["value"]), "ci_low": float(r["ci_low"]), "ci_high": float(r["ci_high"]), "n": int(r["n"])}
+
+
+def _pair(df: pd.DataFrame, base: str, final: str, metric: str, **match: Any) -> dict[str, Any]:
+    return {"base": _one(df, base, metric, **dict(match)), "final": _one(df, final, metric, **dict(match))}
+
+
+def _collapse_layer(df: pd.DataFrame, checkpoint: str) -> dict[str, Any] | None:
+    """First lens layer whose lens_mass_top_branch reaches COLLAPSE_FRACTION of the last layer's value."""
+    kind = _pick_kind(df, "lens_mass_top_branch", ["indecipherable", "all", ""])
+    if kind is None:
+        return None
+    sub = df[(df["metric"] == "lens_mass_top_branch") & (df["checkpoint"] == checkpoint) & (df["kind"] == kind)]
+    sub = sub[sub["layer"].notna()]
+    sub = sub.assign(layer=sub["layer"].astype(int)).sort_values("layer")
+    if sub.empty or not math.isfinite(float(sub["value"].iloc[-1])):
+        return None  # without the last layer's value there is nothing to compare against
+    last = sub.iloc[-1]
+    threshold = COLLAPSE_FRACTION * float(last["value"])
+    hit = sub[sub["value"] >= threshold].iloc[0]  # the last layer always qualifies
+    return {
+        "checkpoint": checkpoint,
+        "kind": kind,
+        "layer": int(hit["layer"]),
+        "value": float(hit["value"]),
+        "last_layer": int(last["layer"]),
+        "last_value": float(last["value"]),
+        "threshold": threshold,
+        "fraction": COLLAPSE_FRACTION,
+    }
+
+
+def _best_layer(df: pd.DataFrame, checkpoint: str, metric: str) -> dict[str, Any] | None:
+    kind = _pick_kind(df, metric, ["all", ""])
+    if kind is None:
+        return None
+    sub = df[(df["metric"] == metric) & (df["checkpoint"] == checkpoint) & (df["kind"] == kind) & df["layer"].notna()]
+    sub = sub[np.isfinite(sub["value"].to_numpy(float))]
+    if sub.empty:
+        return None
+    best = sub.sort_values(["value", "layer"], ascending=[False, True]).iloc[0]
+    return {"kind": kind, "layer": int(best["layer"]), "value": float(best["value"])}
+
+
+def key_numbers(df: pd.DataFrame) -> dict[str, Any]:
+    """The numbers the report states, read from the table; None wherever the table lacks them.
+
+    Per-run tables: base and final checkpoints, pass@1 and pass@K (K = 16 or the largest k) with
+    intervals under the default strategy, entropy_fork per kind, entropy_other, mass_top_branch at
+    indecipherable forks, the collapse layer (final checkpoint) and the best probe-selectivity layer
+    (base and final). Sweep tables: shrinkage per cell (mean over seeds) and Spearman rho.
+    """
+    _require_columns(df)
+    out: dict[str, Any] = {"sweep": is_sweep_table(df), "n_rows": int(len(df))}
+    if out["sweep"]:
+        try:
+            shrink = sweep_shrinkage(df)
+        except UsageError as exc:
+            out.update(shrinkage=None, spearman=None, sweep_note=str(exc))
+            return out
+        out["k"] = int(shrink["k"].iloc[0])
+        out["strategy"] = default_strategy(df)
+        out["shrinkage"] = sweep_summary(shrink).to_dict("records")
+        out["spearman"] = sweep_spearman(shrink).to_dict("records")
+        return out
+
+    info = _checkpoint_info(df)
+    base, final = base_checkpoint(df), checkpoint_order(df)[-1]
+    out.update(
+        base=base,
+        final=final,
+        checkpoints=[{"checkpoint": c, "phase": str(info.loc[c, "phase"]), "step": int(info.loc[c, "step"])} for c in info.index],
+    )
+    strategy = default_strategy(df) if (df["metric"] == "pass@k").any() else None
+    out["strategy"] = strategy
+    out["pass@k"] = {}
+    out["k"] = None
+    if strategy is not None:
+        ks = _kind_rows(df[(df["metric"] == "pass@k") & (df["strategy"] == strategy)], "all")["k"].dropna()
+        if len(ks):
+            kk = pick_k(ks)
+            out["k"] = kk
+            for k in sorted({1, kk} & {int(x) for x in ks}):
+                out["pass@k"][k] = _pair(df, base, final, "pass@k", kind="all", k=k, strategy=strategy)
+    out["entropy_fork"] = {
+        kind: _pair(df, base, final, "entropy_fork", kind=kind) for kind in list(KINDS) + ["all"] if ((df["metric"] == "entropy_fork") & (df["kind"] == kind)).any()
+    }
+    out["entropy_other"] = _pair(df, base, final, "entropy_other", kind="all") if (df["metric"] == "entropy_other").any() else None
+    ind = _pick_kind(df, "mass_top_branch", ["indecipherable"])
+    out["mass_top_branch"] = {"kind": ind, **_pair(df, base, final, "mass_top_branch", kind=ind)} if ind is not None else None
+    out["collapse_layer"] = _collapse_layer(df, final)
+    out["probe_selectivity"] = {
+        metric: {"base": _best_layer(df, base, metric), "final": _best_layer(df, final, metric)}
+        for metric in ("probe_selectivity_taken", "probe_selectivity_valid")
+        if (df["metric"] == metric).any()
+    }
+    return out
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _f(x: float | None, nd: int = 3) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _with_ci(cell: dict[str, float] | None) -> str:
+    if cell is None:
+        return "not measured"
+    s = _f(cell["value"])
+    if math.isfinite(cell["ci_low"]) and math.isfinite(cell["ci_high"]):
+        s += f" [{_f(cell['ci_low'])}, {_f(cell['ci_high'])}]"
+    return s
+
+
+def _plain(cell: dict[str, float] | None) -> str:
+    return "not measured" if cell is None else _f(cell["value"])
+
+
+def _layer_cell(best: dict[str, Any] | None) -> str:
+    return "not measured" if best is None else f"layer {best['layer']} ({_f(best['value'])})"
+
+
+def _run_section(kn: dict[str, Any]) -> list[str]:
+    base, final = kn["base"], kn["final"]
+    lines = [
+        f"Base: `{base}` (the model before SFT). Final: `{final}`. "
+        f"{len(kn['checkpoints'])} checkpoint(s); pass@k under `{kn['strategy'] or 'n/a'}`.",
+        "",
+    ]
+    if base == final:
+        lines += ["Only one checkpoint is in the table, so there is no before/after comparison.", ""]
+    lines += [f"| measure | base `{base}` | final `{final}` |", "| --- | --- | --- |"]
+    for k, pair in kn["pass@k"].items():
+        lines.append(f"| pass@{k} (fraction of problems, 95% CI) | {_with_ci(pair['base'])} | {_with_ci(pair['final'])} |")
+    for kind, pair in kn["entropy_fork"].items():
+        lines.append(f"| entropy at {kind} forks (nats) | {_plain(pair['base'])} | {_plain(pair['final'])} |")
+    if kn["entropy_other"] is not None:
+        lines.append(f"| entropy at ordinary positions (nats) | {_plain(kn['entropy_other']['base'])} | {_plain(kn['entropy_other']['final'])} |")
+    if kn["mass_top_branch"] is not None:
+        m = kn["mass_top_branch"]
+        lines.append(f"| top-branch share, {m['kind'] or 'all'} forks (probability) | {_plain(m['base'])} | {_plain(m['final'])} |")
+    for metric, pair in kn["probe_selectivity"].items():
+        what = "taken" if metric.endswith("taken") else "valid"
+        lines.append(f"| best probe selectivity, {what} branch | {_layer_cell(pair['base'])} | {_layer_cell(pair['final'])} |")
+    lines.append("")
+
+    pk = kn["pass@k"]
+    if base != final and 1 in pk and kn["k"] in pk and kn["k"] != 1 and all(pk[k][w] for k in (1, kn["k"]) for w in ("base", "final")):
+        d1 = pk[1]["final"]["value"] - pk[1]["base"]["value"]
+        dk = pk[kn["k"]]["final"]["value"] - pk[kn["k"]]["base"]["value"]
+        lines += [
+            f"From base to final, pass@1 changed by {d1:+.3f} and pass@{kn['k']} by {dk:+.3f} "
+            f"(coverage {'shrank' if dk < 0 else 'did not shrink'}).",
+            "",
+        ]
+    c = kn["collapse_layer"]
+    lines.append(
+        f"**Collapse layer** — the first logit-lens layer (0 = the residual before block 0, the last = after the "
+        f"final block) at which `lens_mass_top_branch` at the final checkpoint reaches {COLLAPSE_FRACTION:.0%} of its "
+        "last-layer value: "
+        + (
+            "not measured (no logit-lens rows)."
+            if c is None
+            else f"layer {c['layer']} of {c['last_layer']} at {c['kind'] or 'all'} forks "
+            f"({_f(c['value'])} ≥ {_f(c['threshold'])} = {COLLAPSE_FRACTION:g} × {_f(c['last_value'])})."
+        )
+    )
+    lines.append("")
+    return lines
+
+
+def _sweep_section(kn: dict[str, Any]) -> list[str]:
+    if kn.get("shrinkage") is None:
+        return [f"Sweep numbers unavailable: {kn.get('sweep_note', 'no pass@k rows')}.", ""]
+    k = kn["k"]
+    summ = pd.DataFrame(kn["shrinkage"])
+    rho = pd.DataFrame(kn["spearman"])
+    default = kn["strategy"]
+    combos = sorted(
+        {(r["policy"], r["strategy"]) for r in kn["shrinkage"]},
+        key=lambda ps: ({"canonical": 0, "balanced": 1}.get(ps[0], 2), ps[0], ps[1] != default, ps[1]),
+    )
+    lines = [
+        f"Shrinkage = base pass@{k} − final SFT pass@{k} (fraction of problems; mean ± s.d. over seeds; the base "
+        "is each task/seed's SFT step 0, the final SFT checkpoint each cell's last step). The last row of each task "
+        "is Spearman ρ between prevalence and shrinkage over every seed's cell. pass@1 gains are in "
+        "`shrinkage_vs_prevalence`.",
+        "",
+        "| task | prevalence | " + " | ".join(f"{p}, `{s}`" for p, s in combos) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in combos) + " |",
+    ]
+    for task in sorted(set(summ["task"])):
+        t = summ[summ["task"] == task]
+        for prev in sorted(set(t["prevalence"])):
+            cells = []
+            for p, s in combos:
+                r = t[(t["prevalence"] == prev) & (t["policy"] == p) & (t["strategy"] == s)]
+                cells.append("–" if r.empty else f"{_f(r['shrinkage_mean'].iloc[0])} ± {_f(r['shrinkage_std'].iloc[0])}")
+            lines.append(f"| {task} | {prev:g} | " + " | ".join(cells) + " |")
+        cells = []
+        for p, s in combos:
+            r = rho[(rho["task"] == task) & (rho["policy"] == p) & (rho["strategy"] == s)]
+            cells.append("–" if r.empty else f"ρ = {_f(r['rho'].iloc[0], 2)}")
+        lines.append(f"| {task} | Spearman ρ | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _figure_section(out_dir: Path, figure_files: Sequence[Path], skipped: Sequence[str]) -> list[str]:
+    by_stem: dict[str, dict[str, Path]] = {}
+    for f in figure_files:
+        f = Path(f)
+        by_stem.setdefault(f.stem, {})[f.suffix.lstrip(".").lower()] = f
+    order = [s for s in FIGURES if s in by_stem] + sorted(s for s in by_stem if s not in FIGURES)
+    lines: list[str] = []
+    for stem in order:
+        files = by_stem[stem]
+        lines.append(f"### {stem}")
+        lines.append("")
+        if stem in _CAPTIONS:
+            lines += [_CAPTIONS[stem], ""]
+        shown = files.get("png") or files.get("svg")
+        if shown is not None:
+            lines += [f"![{stem}]({_rel(shown, out_dir)})", ""]
+        others = [f"[{fmt.upper()}]({_rel(p, out_dir)})" for fmt, p in sorted(files.items()) if p is not shown]
+        if others:
+            lines += ["Also: " + ", ".join(others), ""]
+    if not order:
+        lines += ["No figures were drawn.", ""]
+    if skipped:
+        lines += ["Not drawn:", ""] + [f"- {s}" for s in skipped] + [""]
+    return lines
+
+
+def _rel(path: Path, out_dir: Path) -> str:
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), out_dir.resolve())).as_posix()
+    except ValueError:  # another drive on Windows
+        return Path(path).as_posix()
+
+
+def _manifest_section(manifest: dict | None) -> list[str]:
+    if not manifest:
+        return ["No manifest was given.", ""]
+    lines: list[str] = []
+    config = manifest.get("config")
+    if config:
+        lines += ["### Config", "", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```", ""]
+    versions = manifest.get("versions")
+    if isinstance(versions, dict) and versions:
+        lines += ["### Package versions", "", "| package | version |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(versions.items(), key=lambda kv: str(kv[0]))] + [""]
+    timings = manifest.get("timings")
+    if isinstance(timings, dict) and timings:
+        lines += ["### Timings", "", "| step | seconds |", "| --- | --- |"]
+        for k, v in timings.items():
+            val = f"{v:.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else (json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v))
+            lines.append(f"| {k} | {val} |")
+        lines.append("")
+    checkpoints = manifest.get("checkpoints")
+    if checkpoints:
+        lines += ["### Checkpoints", ""]
+        for c in checkpoints:
+            lines.append(f"- `{json.dumps(c, sort_keys=True, default=str) if isinstance(c, dict) else c}`")
+        lines.append("")
+    if not lines:
+        lines = ["The manifest has no config, versions, timings or checkpoints.", ""]
+    return lines
+
+
+def write_report(
+    df: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    *,
+    manifest: dict | None = None,
+    figure_files: Sequence[Path] = (),
+    skipped: Sequence[str] = (),
+) -> Path:
+    """Write `out_dir/report.md` (atomically) and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kn = key_numbers(df)
+    lines = ["# fork-probes report", ""]
+    lines += ["## Key numbers", ""]
+    lines += _sweep_section(kn) if kn["sweep"] else _run_section(kn)
+    lines += ["## Figures", ""] + _figure_section(out, figure_files, skipped)
+    lines += ["## Run", ""] + _manifest_section(manifest if isinstance(manifest, dict) else None)
+    text = "\n".join(lines).rstrip() + "\n"
+    path = out / "report.md"
+    tmp = out / f".report.md.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
