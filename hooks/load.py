@@ -37,18 +37,21 @@ def checkpoint_format(path: str | Path) -> str:
 
 
 def _sort_key(p: Path) -> tuple:
-    meta = p / "meta.json"
-    phase, step = None, None
-    if meta.is_file():
+    meta = {}
+    if (p / "meta.json").is_file():
         try:
-            m = read_json(meta)
-            phase, step = m.get("phase"), m.get("step")
+            meta = read_json(p / "meta.json")
         except (ValueError, OSError):
-            pass
-    if phase is None:
+            meta = {}
+    if is_native_checkpoint(p):
+        phase, step = meta.get("phase"), meta.get("step")
         match = NAME.match(p.name)
-        if match:
+        if phase is None and match:
             phase, step = match["phase"], int(match["step"])
+    else:
+        from hooks.hf import hf_phase_step
+
+        phase, step = hf_phase_step(p, meta)
     return (PHASE_ORDER.get(phase, 9) if phase else 9, step if step is not None else -1, str(p))
 
 
@@ -93,9 +96,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | None
     return HFCheckpoint(path, device=device, dtype=dtype)
 
 
-_HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "special_tokens_map.json")
-
-
 def describe(path: str | Path) -> dict:
     """What a checkpoint is, read cheaply (no weights): format, tokenizer identity, task, meta.
 
@@ -115,17 +115,14 @@ def describe(path: str | Path) -> dict:
             "meta": meta,
             "experiment": cfg.get("experiment"),
         }
-    import hashlib
+    from transformers import AutoTokenizer
 
-    h = hashlib.sha256()
-    found = False
-    for name in _HF_TOKENIZER_FILES:
-        f = p / name
-        if f.is_file():
-            found = True
-            h.update(name.encode())
-            h.update(f.read_bytes())
-    if not found:
-        raise UsageError(f"{p} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); save the tokenizer beside the model")
+    from hooks.hf import HFTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{p}: cannot load its tokenizer ({str(e).splitlines()[0]}); save the tokenizer beside the model") from None
     meta = read_json(p / "meta.json") if (p / "meta.json").is_file() else {}
-    return {"format": fmt, "tokenizer": "hf:" + h.hexdigest()[:16], "task": None, "meta": meta, "experiment": None}
+    return {"format": fmt, "tokenizer": HFTokenizer(tok, where=str(p)).fingerprint(), "task": meta.get("task"),
+            "meta": meta, "experiment": None}

@@ -7,7 +7,7 @@ The public API: ``probes.train``, ``probes.run``, ``probes.load_results``, ``pro
 from probes.api import train  # noqa: F401
 
 try:  # the measuring half lands in stages
-    from probes.api import demo, figures, load_results, run, sweep  # noqa: F401
+    from probes.api import demo, figures, fork_lens, load_results, run, sweep  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
 

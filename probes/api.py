@@ -89,3 +89,62 @@ def demo(out: str | Path = "runs/demo", device: str | None = None, progress: boo
     files, skipped, report = figures(out / "results", log=log)
     log(f"demo finished in {time.perf_counter() - t0:.0f}s; the report is {report}")
     return df, report
+
+
+def sweep(config=None, out="runs/sweep", task=None, workers=1, quick=False, device=None, progress=True, log=print):
+    """Fork-prevalence x policy x seed grid; see :func:`probes.sweep.sweep`."""
+    from probes.sweep import sweep as _sweep
+
+    return _sweep(config=config, out=out, task=task, workers=workers, quick=quick, device=device,
+                  progress=progress, log=log)
+
+
+def fork_lens(checkpoint: str | Path, problem=0, eval: str | Path | None = None, device: str | None = None):
+    """The logit lens at one problem's first decision point, as a tidy DataFrame.
+
+    One row per layer x branch: ``layer`` (0 = before block 0, last = after the last block),
+    ``branch``, ``valid``, ``mass`` (raw probability of the branch's first token) and ``share``
+    (renormalised over the fork's branches). ``problem`` is an index into the eval set or a
+    ``training.schema.Problem``.
+    """
+    import pandas as pd
+    import torch
+
+    from analysis.metrics import branch_mass, renormalised
+    from hooks.encode import encode_problems
+    from hooks.load import describe, load
+    from training.errors import UsageError
+    from training.schema import Problem, read_jsonl
+    from training.train import pick_device
+
+    model = load(checkpoint, device=pick_device(device))
+    if isinstance(problem, Problem):
+        problems = [problem]
+    else:
+        if eval is None:
+            from probes.run import _eval_from_meta
+
+            eval = _eval_from_meta([Path(checkpoint)], [describe(checkpoint)])
+        problems = read_jsonl(eval)
+        if not isinstance(problem, int) or not 0 <= problem < len(problems):
+            raise UsageError(f"problem index {problem!r} is not in 0..{len(problems) - 1}")
+        problems = [problems[problem]]
+    encoded, report = encode_problems(model.tokenizer, problems)
+    if not encoded or not encoded[0].forks:
+        raise UsageError(f"that problem has no decision point this tokenizer can read ({report.to_dict()})")
+    e = encoded[0]
+    fork = e.forks[0]
+    ids = torch.tensor([e.ids])
+    pos = torch.tensor([[fork.pos - 1]])
+    _, resid = model.capture(ids, torch.ones_like(ids, dtype=torch.bool), pos, pos)
+    lens = model.lens(resid[:, 0]).float()  # [1, layer, vocab]: final norm + unembedding per layer
+    bids = torch.tensor([fork.branch_ids])
+    mask = torch.ones_like(bids, dtype=torch.bool)
+    mass = branch_mass(lens, bids.to(lens.device), mask.to(lens.device))[0].cpu()
+    share = renormalised(mass[None], mask)[0]
+    rows = [
+        {"layer": layer, "branch": b, "valid": v, "mass": float(mass[layer, j]), "share": float(share[layer, j])}
+        for layer in range(mass.shape[0])
+        for j, (b, v) in enumerate(zip(fork.branches, fork.valid))
+    ]
+    return pd.DataFrame(rows)

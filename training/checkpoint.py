@@ -24,7 +24,7 @@ from training.io import read_json, write_json
 
 FORMAT = "fork-probes-native"
 NAME = re.compile(r"^(?P<phase>[a-z]+)-step(?P<step>\d{6,})$")
-PHASE_ORDER = {"pretrain": 0, "sft": 1}
+PHASE_ORDER = {"pretrain": 0, "base": 0, "sft": 1}
 
 
 def checkpoint_name(phase: str, step: int) -> str:

@@ -113,10 +113,17 @@ def data_recipe(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"seed": cfg.seed, "task": cfg.task, "data": dataclasses.asdict(cfg.data)}
 
 
-def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print) -> dict[str, Any]:
-    """Write ``pretrain.jsonl``, ``sft.jsonl``, ``eval.jsonl`` and ``manifest.json``; reuse if done."""
+def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print, eval_from: str | Path | None = None) -> dict[str, Any]:
+    """Write ``pretrain.jsonl``, ``sft.jsonl``, ``eval.jsonl`` and ``manifest.json``; reuse if done.
+
+    With ``eval_from`` (an SFT run on a shared base model) only the SFT corpus is made: the eval set
+    is the base run's, checked to share no problem with this SFT corpus, and no pretraining corpus
+    is written.
+    """
     out_dir = Path(out_dir)
     recipe = data_recipe(cfg)
+    if eval_from is not None:
+        recipe["eval_from"] = sha256_file(eval_from)
     manifest_path = out_dir / "manifest.json"
     if manifest_path.is_file():
         old = read_json(manifest_path)
@@ -126,20 +133,33 @@ def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print) -> dict[st
             f"{out_dir} holds data made with another recipe; use another --out or delete {out_dir}"
         )
     task = get_task(cfg.task)
-    pre = make_pretrain(task, cfg.data.n_pretrain, cfg.seed)
     sft = make_sft(task, cfg.data, cfg.seed)
-    seen = {task.key(p) for p in pre} | {task.key(p) for p in sft}
-    ev = make_eval(task, cfg.data, cfg.seed, seen)
+    if eval_from is None:
+        pre = make_pretrain(task, cfg.data.n_pretrain, cfg.seed)
+        seen = {task.key(p) for p in pre} | {task.key(p) for p in sft}
+        ev = make_eval(task, cfg.data, cfg.seed, seen)
+        corpora = (("pretrain", pre), ("sft", sft), ("eval", ev))
+        eval_path = out_dir / "eval.jsonl"
+    else:
+        from training.schema import read_jsonl
+
+        eval_path = Path(eval_from).resolve()
+        eval_keys = {task.key(p) for p in read_jsonl(eval_path)}
+        if any(task.key(p) in eval_keys for p in sft):
+            raise UsageError(f"the SFT corpus shares problems with {eval_path}; use another seed")
+        corpora = (("sft", sft),)
     files = {}
-    for name, problems in (("pretrain", pre), ("sft", sft), ("eval", ev)):
+    for name, problems in corpora:
         path = write_jsonl(out_dir / f"{name}.jsonl", problems)
         files[path.name] = {
             "count": len(problems),
             "sha256": sha256_file(path),
             "prevalence": prevalence(problems),
         }
-    manifest = {"recipe": recipe, "files": files, "sft_mix": sft_mix(cfg.data)}
+    manifest = {"recipe": recipe, "files": files, "sft_mix": sft_mix(cfg.data),
+                "eval": {"path": str(eval_path.resolve() if eval_from else "eval.jsonl"), "sha256": sha256_file(eval_path)}}
     manifest["hash"] = sha256_json(manifest)
     write_json(manifest_path, manifest)
-    log(f"data: {len(pre)} pretrain, {len(sft)} sft, {len(ev)} eval problems -> {out_dir}")
+    counts = ", ".join(f"{f['count']} {name[: -len('.jsonl')]}" for name, f in files.items())
+    log(f"data: {counts} problems -> {out_dir}")
     return manifest

@@ -8,6 +8,7 @@ checkpoint is written atomically with optimizer state, and batches are a pure fu
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -161,7 +162,13 @@ def train(
     task = get_task(cfg.task)
     tokenizer = task.tokenizer()
     data_dir = out / "data"
-    manifest = build_data(cfg, data_dir, log=log)
+    eval_from = None
+    if base_from is not None:
+        base_cfg, base_meta, _ = read_checkpoint(base_from)
+        if base_cfg.get("task") != task.config_dict():
+            raise UsageError(f"base checkpoint {base_from} was trained on another task configuration")
+        eval_from = (Path(base_from) / base_meta["data_dir"] / base_meta["eval_file"]).resolve()
+    manifest = build_data(cfg, data_dir, log=log, eval_from=eval_from)
     ckpt_dir = out / "checkpoints"
     model_cfg = bridge_config_dict(cfg.model, len(tokenizer), task.max_seq_len, cfg.seed)
     if model_cfg["n_ctx"] < task.max_seq_len:
@@ -172,7 +179,7 @@ def train(
         "task": task.config_dict(),
         "experiment": cfg.to_dict(),
     }
-    eval_file = data_dir / "eval.jsonl"
+    eval_file = eval_from or (data_dir / "eval.jsonl").resolve()
 
     def meta(phase: str) -> Callable[[int, int], dict[str, Any]]:
         return lambda step, tokens: {
@@ -182,9 +189,9 @@ def train(
             "data_manifest_hash": manifest["hash"],
             "seed": cfg.seed,
             "run": cfg.name,
-            "data_dir": str(Path("..", "..", "data")),
-            "eval_file": "eval.jsonl",
-            "eval_sha256": manifest["files"]["eval.jsonl"]["sha256"],
+            "data_dir": os.path.relpath(eval_file.parent, (ckpt_dir / "x").resolve()),
+            "eval_file": eval_file.name,
+            "eval_sha256": manifest["eval"]["sha256"],
         }
 
     module = build_native(model_cfg, dev)
