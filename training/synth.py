@@ -110,7 +110,7 @@ def prevalence(problems: list[Problem]) -> dict[str, float]:
 
 
 def data_recipe(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {"seed": cfg.seed, "task": cfg.task, "data": dataclasses.asdict(cfg.data)}
+    return {"format": 2, "seed": cfg.seed, "task": cfg.task, "data": dataclasses.asdict(cfg.data)}
 
 
 def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print, eval_from: str | Path | None = None) -> dict[str, Any]:

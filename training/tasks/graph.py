@@ -21,7 +21,7 @@ from training.tasks import register
 from training.tasks.base import Task
 from training.tokenizer import WordTokenizer
 
-SEP, QUERY, FILL = "|", ":", "."
+SEP, QUERY, FILL, COMMA = "|", ":", ".", ","
 
 
 @dataclass
@@ -31,6 +31,8 @@ class GraphConfig:
     arms: list[int] = field(default_factory=lambda: [2, 3])
     arm_len: list[int] = field(default_factory=lambda: [3, 4])
     distractor: bool = True
+    edge_sep: bool = False
+    """Write each edge as ``u v ,`` so edge boundaries are explicit tokens (easier lookups)."""
 
 
 def node(i: int) -> str:
@@ -61,7 +63,7 @@ class GraphTask(Task):
             raise UsageError(f"task.n_labels={cfg.n_labels} is too small: graphs need up to {need_nodes} nodes")
 
     def tokenizer(self) -> WordTokenizer:
-        return WordTokenizer([SEP, QUERY, FILL] + [node(i) for i in range(self.cfg.n_labels)])
+        return WordTokenizer([SEP, QUERY, FILL, COMMA] + [node(i) for i in range(self.cfg.n_labels)])
 
     @property
     def max_completion_tokens(self) -> int:
@@ -69,7 +71,7 @@ class GraphTask(Task):
 
     @property
     def prompt_tokens(self) -> int:
-        return 2 * self.cfg.max_edges + 4
+        return (3 if self.cfg.edge_sep else 2) * self.cfg.max_edges + 4
 
     @property
     def max_seq_len(self) -> int:
@@ -124,8 +126,8 @@ class GraphTask(Task):
         words = []
         for i in order:
             u, v = edges[i]
-            words += [node(u), node(v)]
-        words += [FILL, FILL] * (self.cfg.max_edges - len(edges))
+            words += [node(u), node(v)] + ([COMMA] if self.cfg.edge_sep else [])
+        words += ([FILL, FILL] + ([COMMA] if self.cfg.edge_sep else [])) * (self.cfg.max_edges - len(edges))
         words += [SEP, node(s), node(t), QUERY]
         return " ".join(words)
 
@@ -180,7 +182,7 @@ class GraphTask(Task):
             s, t = words[sep + 1], words[sep + 2]
         except (ValueError, IndexError):
             return None
-        body = words[:sep]
+        body = [w for w in words[:sep] if w != COMMA]
         edges = {(body[i], body[i + 1]) for i in range(0, len(body) - 1, 2) if body[i] != FILL}
         return edges, s, t
 
