@@ -15,11 +15,14 @@ def train(
     device: str | None = None,
     progress: bool = True,
     log=print,
+    base: str | Path | None = None,
 ) -> dict[str, Any]:
     """Synthesise data, pretrain the base model and SFT it, writing checkpoints under ``out``.
 
     ``config`` is an :class:`ExperimentConfig`, a JSON file or an embedded config name; ``out``
-    defaults to ``runs/<config name>``. Resumes whatever a previous call left.
+    defaults to ``runs/<config name>``. With ``base`` (a checkpoint directory) pretraining is
+    skipped and that model is fine-tuned, on the base run's eval set. Resumes whatever a previous
+    call left.
     """
     from training.train import train as _train
 
@@ -30,7 +33,13 @@ def train(
         import torch
 
         torch.set_num_threads(cfg.threads)
-    return _train(cfg, out or Path("runs") / cfg.name, device=device, progress=progress, log=log)
+    if base is not None:
+        from training.checkpoint import is_native_checkpoint
+        from training.errors import UsageError
+
+        if not is_native_checkpoint(base):
+            raise UsageError(f"--base {base} is not a fork-probes checkpoint directory")
+    return _train(cfg, out or Path("runs") / cfg.name, device=device, progress=progress, log=log, base_from=base)
 
 
 def run(checkpoints, out=None, **kwargs):

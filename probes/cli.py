@@ -27,7 +27,8 @@ def _train(args: argparse.Namespace) -> None:
 
         print(json.dumps(load_config(args.config, args.overrides).to_dict(), indent=2))
         return
-    api.train(config=args.config, out=args.out, overrides=args.overrides, device=args.device, progress=not args.quiet)
+    api.train(config=args.config, out=args.out, overrides=args.overrides, device=args.device, progress=not args.quiet,
+              base=args.base)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a JSON config file or an embedded name (graph, modes, tiny); default: graph")
     t.add_argument("--out", help="run directory (default: runs/<config name>)")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--base", default=None, metavar="CHECKPOINT", help="fine-tune this base checkpoint instead of pretraining (shares its eval set)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sft.steps=500")

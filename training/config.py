@@ -47,6 +47,10 @@ class ModelConfig:
     positional_embedding_type: str = "standard"
     n_ctx: int = 0
     """Context length; 0 means the task's longest sequence."""
+    embed_init_std: float = 1.0
+    """Std of the token and position embeddings at init (0 keeps TransformerLens's 0.8/sqrt(d_model)).
+    Unit-scale embeddings let the edge-lookup (induction) circuit form in ~750 steps instead of
+    several thousand: measured on the graph task, see training/model.py."""
 
 
 @dataclass
@@ -194,6 +198,8 @@ def validate(cfg: ExperimentConfig) -> None:
             raise UsageError(f"model.{name} must be ≥ 1, got {getattr(m, name)}")
     if m.d_model % m.n_heads:
         raise UsageError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.embed_init_std < 0:
+        raise UsageError(f"model.embed_init_std must be ≥ 0, got {m.embed_init_std}")
     if m.n_ctx < 0:
         raise UsageError(f"model.n_ctx must be ≥ 0 (0 = the task's longest sequence), got {m.n_ctx}")
     for phase in ("pretrain", "sft"):

@@ -38,14 +38,29 @@ def tl_config(cfg: dict[str, Any]):
     return TransformerBridgeConfig(**cfg)
 
 
-def build_native(cfg: dict[str, Any], device: str | torch.device | None = None) -> torch.nn.Module:
-    """The plain native module, initialised exactly as ``boot_native`` would (seeded, RNG forked)."""
+def build_native(
+    cfg: dict[str, Any], device: str | torch.device | None = None, embed_init_std: float = 0.0
+) -> torch.nn.Module:
+    """The plain native module, initialised as ``boot_native`` would (seeded, RNG forked).
+
+    ``embed_init_std > 0`` redraws the token and position embeddings from N(0, std^2) with a
+    generator seeded by the model seed. TransformerLens's GPT-2 init draws them at
+    0.8/sqrt(d_model) (0.1 at d_model 64); at that scale the graph task's edge lookup had not
+    formed after 2,500 steps (fork cross-entropy 2.5 nats, chain steps 2.0), while unit-scale
+    embeddings form it at ~750 steps (chain steps 0.01 nats by step 1,000).
+    """
     from transformer_lens.model_bridge.sources.native import NativeModel, initialize_native_model
 
     tl_cfg = tl_config(cfg)
     with torch.random.fork_rng(devices=[]):
         model = NativeModel(copy.deepcopy(tl_cfg))
         initialize_native_model(model, tl_cfg)
+    if embed_init_std > 0:
+        g = torch.Generator().manual_seed(int(cfg.get("seed") or 0) + 7919)
+        with torch.no_grad():
+            for emb in (model.tok_embed, model.pos):
+                if emb is not None:
+                    emb.weight.copy_(torch.randn(emb.weight.shape, generator=g) * embed_init_std)
     return model.to(device) if device is not None else model
 
 

@@ -194,7 +194,7 @@ def train(
             "eval_sha256": manifest["eval"]["sha256"],
         }
 
-    module = build_native(model_cfg, dev)
+    module = build_native(model_cfg, dev, embed_init_std=cfg.model.embed_init_std)
     log(f"model: {n_params(module):,} parameters, {cfg.model.n_layers} layers, d_model {cfg.model.d_model}, device {dev}")
     report: dict[str, Any] = {"out": str(out), "device": str(dev)}
     max_len = model_cfg["n_ctx"]
