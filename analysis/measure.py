@@ -194,9 +194,15 @@ def sample_outcomes(
     n: int,
     seed: int,
     max_new_tokens: int | None = None,
-    batch_size: int = 2048,
+    batch_size: int | None = None,
 ) -> SampleOutcome:
-    """n samples per problem through the KV-cached sampler, verified, with the first fork read."""
+    """n samples per problem through the KV-cached sampler, verified, with the first fork read.
+
+    ``batch_size`` rows per sampler chunk: 256 on CPU (as fast as 2048 there, with a lower memory
+    peak), 4096 on CUDA.
+    """
+    if batch_size is None:
+        batch_size = 4096 if model.device.type == "cuda" else 256
     from hooks.sampler import sample
 
     tok = model.tokenizer

@@ -73,6 +73,8 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="probes", description="Probe decision points (forks) of fine-tuned models, checkpoint by checkpoint.")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: these models gain nothing from more, and busy cores make two far slower; 0 = torch's default)")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="synthesise data, pretrain a base model, SFT it with checkpoints")
@@ -127,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads < 0:
+        print("probes: error: --threads must be ≥ 0 (0 = torch's default)", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         args.fn(args)
     except UsageError as e:

@@ -21,7 +21,7 @@ from training.schema import KINDS
 @dataclass
 class DataConfig:
     n_pretrain: int = 150_000
-    n_sft: int = 20_000
+    n_sft: int = 100_000
     n_eval: int = 200
     eval_mix: dict[str, float] = field(
         default_factory=lambda: {"indecipherable": 0.4, "decipherable": 0.3, "multi-valid": 0.3}
@@ -86,8 +86,10 @@ class ExperimentConfig:
         default_factory=lambda: PhaseConfig(steps=3000, lr=1e-3, n_log_checkpoints=4, n_even_checkpoints=4)
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
-    threads: int = 0
-    """torch intra-op threads for training; 0 leaves torch's default."""
+    threads: int = 1
+    """torch intra-op threads for training (0 leaves torch's default). One thread: these models are
+    too small to gain from a second, and two threads waiting on each other on a busy 2-core machine
+    made an SFT step 20-36x slower (benchmarks/RESULTS.md)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
