@@ -100,7 +100,7 @@ def demo(out: str | Path = "runs/demo", device: str | None = None, progress: boo
     return df, report
 
 
-def sweep(config=None, out="runs/sweep", task=None, workers=1, quick=False, device=None, progress=True, log=print):
+def sweep(config=None, out="runs/sweep", task=None, workers=0, quick=False, device=None, progress=True, log=print):
     """Fork-prevalence x policy x seed grid; see :func:`probes.sweep.sweep`."""
     from probes.sweep import sweep as _sweep
 

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="a JSON sweep config (default: the embedded grid)")
     s.add_argument("--out", default="runs/sweep", help="sweep directory (default runs/sweep)")
     s.add_argument("--task", choices=["graph", "modes"], default=None, help="one task only (default both)")
-    s.add_argument("--workers", type=int, default=1, help="grid cells run in parallel processes")
+    s.add_argument("--workers", type=int, default=0, help="grid cells run in parallel processes, one torch thread each (default 0: one per CPU core)")
     s.add_argument("--quick", action="store_true", help="a small grid that finishes in minutes")
     s.add_argument("--device", default=None, help="cpu or cuda")
     s.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -137,7 +137,7 @@ def sweep(
     config: str | None = None,
     out: str | Path = "runs/sweep",
     task: str | None = None,
-    workers: int = 1,
+    workers: int = 0,
     quick: bool = False,
     device: str | None = None,
     progress: bool = True,
@@ -147,8 +147,9 @@ def sweep(
     from training.tasks import task_names
 
     cfg = load_sweep_config(config, quick)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise UsageError(f"--workers must be a whole number ≥ 1, got {workers!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UsageError(f"--workers must be a whole number ≥ 0 (0 = one per CPU core), got {workers!r}")
+    workers = workers or max(1, min(os.cpu_count() or 1, 8))
     tasks = [task] if task else cfg.tasks
     for t in tasks:
         if t not in task_names():
@@ -158,7 +159,7 @@ def sweep(
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot write to --out {root}: {e.strerror}") from None
-    threads = 1 if workers > 1 else 0
+    threads = 1
     t0 = time.perf_counter()
     for t in tasks:  # fail fast on a bad override before any process starts
         _task_config(t, cfg.seeds[0], cfg.overrides, [])

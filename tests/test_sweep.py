@@ -46,7 +46,7 @@ def test_bad_sweep_input(tmp_path):
     from probes.api import sweep
 
     with pytest.raises(UsageError, match="workers"):
-        sweep(out=tmp_path, quick=True, workers=0)
+        sweep(out=tmp_path, quick=True, workers=-1)
     bad = tmp_path / "bad.json"
     bad.write_text('{"prevalence": [0, 2]}')
     with pytest.raises(UsageError, match="prevalence"):
