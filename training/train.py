@@ -209,7 +209,9 @@ def train(
                 module, corpus, pre_cfg, "pretrain", cfg.seed, ckpt_dir, lambda: ckpt_config,
                 meta("pretrain"), False, dev, progress, stop_after.get("pretrain"),
             )
-            log(f"pretrain: {report['pretrain']['steps']} steps in {report['pretrain']['seconds']:.0f}s, loss {report['pretrain']['final_loss']:.3f}")
+            loss = report["pretrain"]["final_loss"]
+            log(f"pretrain: {report['pretrain']['steps']} steps in {report['pretrain']['seconds']:.0f}s"
+                + (f", loss {loss:.3f}" if loss is not None else ""))
             if report["pretrain"]["steps"] < pre_cfg.steps:
                 return report
         base_path = list_checkpoints(ckpt_dir, "pretrain")[-1][2]
@@ -227,6 +229,7 @@ def train(
             module, corpus, cfg.sft, "sft", cfg.seed, ckpt_dir, lambda: ckpt_config,
             meta("sft"), True, dev, progress, stop_after.get("sft"),
         )
-        log(f"sft: {report['sft']['steps']} steps in {report['sft']['seconds']:.0f}s, loss {report['sft']['final_loss']:.3f}")
+        loss = report["sft"]["final_loss"]
+        log(f"sft: {report['sft']['steps']} steps in {report['sft']['seconds']:.0f}s" + (f", loss {loss:.3f}" if loss is not None else ""))
     report["checkpoints"] = [str(p) for _, _, p in list_checkpoints(ckpt_dir)]
     return report
