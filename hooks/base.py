@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from hooks.sampler import Stepper  # the one definition of the KV-cached stepping protocol
+
 
 class TextTokenizer(Protocol):
     """The tokenizer surface measurements need (the word tokenizer and HF tokenizers both have it)."""
@@ -30,24 +32,6 @@ class TextTokenizer(Protocol):
     def decode_completion(self, ids) -> tuple[str, bool]: ...
 
     def fingerprint(self) -> str: ...
-
-
-class Stepper(Protocol):
-    """Incremental decoding with a KV cache, as ``hooks.sampler.Stepper`` drives it.
-
-    ``prefill`` takes equal-length prompts, sizes the cache for ``max_new_tokens`` more tokens and
-    returns last-position logits for each prompt repeated ``repeats`` times (copies adjacent);
-    ``step`` appends one token per row and returns the logits after it.
-    """
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def prefill(
-        self, input_ids: Int[Tensor, "batch pos"], max_new_tokens: int = 1, repeats: int = 1
-    ) -> Float[Tensor, "rows vocab"]: ...
-
-    def step(self, next_ids: Int[Tensor, " rows"]) -> Float[Tensor, "rows vocab"]: ...
 
 
 class Instrumented(ABC):
