@@ -16,13 +16,16 @@ end to start from (``<`` the head, ``>`` the tail): a control SFT should learn. 
 valid walk's hop count is uniform on 1..budget, so a fine-tuning mix without some kind never
 teaches the model a shorter walk than that kind needs.
 
-Each trace step is one induction-style lookup, as in the graph task, and walks are at most
-``budget`` hops: a 3-layer model did not learn to chase pointers over 9 hops on the CPU budget.
+Each trace step is one induction-style lookup, as in the graph task. The defaults (8 pairs, walks
+of at most 3 hops) are sized for the default 3-layer d_model-64 model on the CPU budget: it walks
+without error after 2,500 pretraining steps, whereas with 12 pairs (budget 4) it had not learned a
+single lookup by then, and a 15-pair chain walked for up to 9 hops never learned in 5,500 steps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -131,7 +134,7 @@ class ModesTask(Task):
             words = [node(v) for v in walk[: self.cfg.budget + 1]] + [FAIL]
         return "".join(" " + w for w in [mode, *words])
 
-    def _problem(self, kind: str, rng: np.random.Generator, pick) -> Problem:
+    def _problem(self, kind: str, rng: np.random.Generator, pick: Callable[[list[str]], str]) -> Problem:
         chain, distractor, a, cue = self._draw(kind, rng)
         prompt = self._prompt(chain, distractor, a, cue, rng)
         valid = self.valid_modes(a, len(chain) - 1 - a)
