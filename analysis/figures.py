@@ -334,6 +334,16 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 # --------------------------------------------------------------------------- per-run figures
 
 
+def _k_axis(ax, ks: Sequence[int]) -> None:
+    """The pass@k axes every coverage figure shares: log2 k with the measured k as ticks."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("k (samples per problem)")
+    ax.set_ylabel("pass@k (fraction of problems)")
+
+
 def coverage_curves(df: pd.DataFrame, *, kind: str = "all", strategy: str | None = None) -> Figure:
     """pass@k against k (log2 axis), one line per checkpoint with its bootstrap band; base in black."""
     _require_columns(df)
@@ -364,12 +374,7 @@ def coverage_curves(df: pd.DataFrame, *, kind: str = "all", strategy: str | None
             lo, hi = d["ci_low"].to_numpy(float), d["ci_high"].to_numpy(float)
             if np.isfinite(lo).any() and np.isfinite(hi).any():
                 ax.fill_between(k, lo, hi, color=colors[name], alpha=0.15, lw=0, zorder=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ks)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("k (samples per problem)")
-        ax.set_ylabel("pass@k (fraction of problems)")
+        _k_axis(ax, ks)
         ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]), top=min(1.02, max(ax.get_ylim()[1], 0.05)))
         ax.set_title(f"Coverage ({_kind_label(kind)}; {strategy or 'default decoding'})")
         if len(order) <= 6:
@@ -959,12 +964,7 @@ def sweep_coverage(df: pd.DataFrame, *, task: str | None = None, prevalence: flo
             ax.plot(c.index.to_numpy(int), c["value"].to_numpy(float), label=label, ms=2.5, **style)
             if np.isfinite(c["lo"].to_numpy(float)).any():
                 ax.fill_between(c.index.to_numpy(int), c["lo"].to_numpy(float), c["hi"].to_numpy(float), color=style["color"], alpha=0.13, lw=0)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ks)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("k (samples per problem)")
-        ax.set_ylabel("pass@k (fraction of problems)")
+        _k_axis(ax, ks)
         ax.set_title(f"task {task}, fork prevalence {close[0]:g} ({default or 'default decoding'})")
         longest = max((len(label) for label, _, _ in lines), default=0)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2 if longest <= 26 else 1, handlelength=2.2)

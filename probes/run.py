@@ -42,13 +42,13 @@ def versions() -> dict[str, str]:
 
 
 def _labels(paths: list[Path]) -> list[str]:
-    """Checkpoint labels: the directory name, or run/name where two runs share a name."""
+    """Checkpoint labels: the directory name, or run__name where two runs share a name."""
     names = [p.name for p in paths]
-    return [
-        f"{p.parent.parent.name}__{p.name}" if names.count(p.name) > 1 and p.parent.name == "checkpoints" else (
-            f"{p.parent.name}__{p.name}" if names.count(p.name) > 1 else p.name)
-        for p in paths
-    ]
+
+    def run_dir(p: Path) -> Path:
+        return p.parent.parent if p.parent.name == "checkpoints" else p.parent
+
+    return [f"{run_dir(p).name}__{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
 
 
 def _default_out(paths: list[Path]) -> Path:
