@@ -85,3 +85,32 @@ def test_demo_wall_growth(tiny_checkpoint):
     rows = [ln.split() for ln in lines if re.match(r"^\s+\d+\s+[0-9.]+\s+\d+\s+\d+$", ln)]
     assert [int(r[0]) for r in rows] == [3, 6, 12, 2, 4, 8]
     assert "problems: time" in lines[-1] and "samples: time" in lines[-1]
+
+
+def test_cuda_vs_cpu_compare_hand_built_tables():
+    """The cross-device comparison (run on a GPU machine) on two tables with known differences."""
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from cuda_vs_cpu import compare
+
+    def table(entropy: float, pass1: float, probe: float) -> pd.DataFrame:
+        base = dict(checkpoint="sft-step000010", kind="all", layer=pd.NA, k=pd.NA, strategy="", n=10)
+        rows = [
+            {**base, "metric": "entropy_fork", "value": entropy, "ci_low": float("nan"), "ci_high": float("nan")},
+            {**base, "metric": "lens_kl_final", "layer": 1, "value": 0.25, "ci_low": float("nan"), "ci_high": float("nan")},
+            {**base, "metric": "pass@k", "k": 1, "strategy": "temperature:1.0", "value": pass1,
+             "ci_low": pass1 - 1.96 * 0.05, "ci_high": pass1 + 1.96 * 0.05},
+            {**base, "metric": "probe_acc_valid", "layer": 2, "value": probe, "ci_low": float("nan"), "ci_high": float("nan")},
+        ]
+        return pd.DataFrame(rows)
+
+    same = compare(table(1.0, 0.5, 0.8), table(1.0, 0.5, 0.8))
+    assert same["forced_max_abs"] == 0 and same["sampled_max_z"] == 0 and same["sampled_identical"] == 1.0
+    r = compare(table(1.0, 0.5, 0.8), table(1.0 + 3e-5, 0.6, 0.75))
+    assert r["rows"] == 4 and r["rows_missing"] == 0
+    assert abs(r["forced_max_abs"] - 3e-5) < 1e-12 and r["forced_metric_worst"] == "entropy_fork"
+    assert abs(r["sampled_max_abs"] - 0.1) < 1e-12 and abs(r["sampled_max_z"] - 2.0) < 1e-9  # 0.1 / se 0.05
+    assert abs(r["probe_max_abs"] - 0.05) < 1e-12
+    extra = table(1.0, 0.5, 0.8).iloc[:3]
+    assert compare(table(1.0, 0.5, 0.8), extra)["rows_missing"] == 1

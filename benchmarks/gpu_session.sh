@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One GPU session, as one prepared script: imports, the test suite on CUDA, then every benchmark
+# with --device cuda (the demo first: the others measure its final checkpoint). Each stage has its
+# own time limit so one slow stage cannot starve the rest; everything is logged to $OUT/gpu.log.
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh
+#
+# Missing packages (transformer-lens, nnsight and what they import) are installed from .whl/ when
+# that folder exists (see the device notes in README's "GPU" section).
+set -u
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+LOG=$OUT/gpu.log
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >>"$LOG" 2>&1 || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s) $(date +%T)" | tee -a "$LOG"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
+  tail -n 3 "$LOG" | head -n 2
+}
+
+stage setup 40 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python3 -c "
+import sys, torch, transformers, transformer_lens, nnsight, sklearn, pandas
+from nnsight.modeling.transformers import TransformersModel
+import probes.api, hooks.native, hooks.hf, analysis.figures, probes.sweep
+print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))
+print(\"transformers\", transformers.__version__, \"transformer_lens\", transformer_lens.__version__ if hasattr(transformer_lens, \"__version__\") else \"?\", \"nnsight\", nnsight.__version__, \"pandas\", pandas.__version__)
+"'
+stage tests 150 python3 -m pytest -q -n 8 --ignore=tests/test_notebook.py -p no:randomly
+stage demo_wall 200 python3 benchmarks/demo_wall.py --device cuda --out runs/demo --no-growth
+stage run_vs_naive 80 python3 benchmarks/run_vs_naive.py --device cuda
+stage sampler_vs_plain 40 python3 benchmarks/sampler_vs_plain.py --device cuda
+stage train_vs_plain 40 python3 benchmarks/train_vs_plain.py --device cuda
+stage cuda_vs_cpu 40 python3 benchmarks/cuda_vs_cpu.py
+for f in report.md results.csv manifest.json; do
+  [ -f runs/demo/results/$f ] && cp runs/demo/results/$f "$OUT/demo-$f"
+done
+grep -E "^[a-z_]+: ratio" "$LOG" | tee "$OUT/ratios.txt"
