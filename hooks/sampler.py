@@ -5,10 +5,13 @@ a batch of equal-length prompts and then step one token per row. TL-native model
 `NativeModel` or a `TransformerBridge` booted with `boot_native`) get `NativeKVStepper`; a
 Hugging Face model plugs in later by wrapping its `past_key_values` in the same two methods.
 
-Reproducibility: every random draw comes from the `generator` passed in, one uniform per row
-per step, in chunk order. The same seed, prompts, n, strategy, batch_size and device give the
-same samples. Changing `batch_size` changes how rows are chunked and so which uniform each
-row gets: the samples differ but have the same distribution.
+Reproducibility: every random draw comes from the `generator` passed in: per chunk, one
+uniform per row for each of the max_new_tokens steps, drawn in one go (step-major) whether or
+not the chunk stops early. The same seed, prompts, n, max_new_tokens, strategy and batch_size
+give the same samples on any device, up to float rounding of the probabilities (the uniforms
+come from the generator's device, the CPU by default). Changing `batch_size` changes how rows
+are chunked and so which uniform each row gets: the samples differ but have the same
+distribution.
 """
 
 from __future__ import annotations
@@ -154,8 +157,10 @@ def _sample_chunk(
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     pad = torch.tensor(pad_id, dtype=torch.long, device=device)
+    uniforms = torch.rand((max_new_tokens, rows), generator=generator, device=generator.device).to(device)
     for t in range(max_new_tokens):
         state.step = t
+        state.uniforms = uniforms[t]
         next_ids = strategy(logits.float(), state, generator).to(device)
         tokens[:, t] = torch.where(finished, pad, next_ids)
         finished |= next_ids == eos_id

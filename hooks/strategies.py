@@ -55,12 +55,16 @@ class RowState:
 
     `sample_index` is j, the row's index among its problem's n samples; `forked` marks rows
     that have passed their first high-entropy position (used by `fork_stratified`); `step` is
-    the index of the token being chosen (0 = first new token).
+    the index of the token being chosen (0 = first new token). `uniforms`, when the sampler
+    sets it, holds this step's uniforms, drawn for the whole chunk in one go: one host-to-device
+    copy per chunk instead of one per step, which on a GPU is a synchronisation saved per step.
     """
 
     sample_index: Int[Tensor, " batch"]
     forked: Optional[Bool[Tensor, " batch"]] = None  # None -> all False
     step: int = 0
+    uniforms: Optional[Float[Tensor, " batch"]] = None
+    """This step's uniform per row, drawn ahead by the sampler; None -> draw from the generator."""
 
     def __post_init__(self) -> None:
         if self.forked is None:
@@ -84,16 +88,20 @@ def entropy(logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:
 
 
 def sample_from_probs(
-    probs: Float[Tensor, "batch vocab"], generator: torch.Generator
+    probs: Float[Tensor, "batch vocab"],
+    generator: torch.Generator,
+    u: Optional[Float[Tensor, " batch"]] = None,
 ) -> Int[Tensor, " batch"]:
     """One token per row by inverse CDF: one uniform per row, cumsum, searchsorted.
 
-    The uniforms come from `generator` on the generator's own device (so a CPU generator
-    drives a CUDA model reproducibly) and are moved to the probabilities' device. Using
-    1 - u in (0, 1] and a left search means a zero-probability token is never chosen.
+    The uniforms `u` (in [0, 1)) are drawn from `generator` on the generator's own device when
+    not given (so a CPU generator drives a CUDA model reproducibly) and moved to the
+    probabilities' device. Using 1 - u in (0, 1] and a left search means a zero-probability
+    token is never chosen.
     """
     probs = probs.float()
-    u = torch.rand(probs.shape[0], generator=generator, device=generator.device)
+    if u is None:
+        u = torch.rand(probs.shape[0], generator=generator, device=generator.device)
     u = u.to(probs.device)
     cdf = probs.cumsum(dim=-1)
     target = (1.0 - u).unsqueeze(-1) * cdf[:, -1:]
@@ -120,7 +128,7 @@ class Strategy:
         state: RowState,
         generator: torch.Generator,
     ) -> Int[Tensor, " batch"]:
-        return sample_from_probs(self.probs(logits), generator)
+        return sample_from_probs(self.probs(logits), generator, state.uniforms)
 
     def __repr__(self) -> str:
         return f"parse_strategy({str(self)!r})"
@@ -255,7 +263,7 @@ class ForkStratified(Strategy):
         return order, b
 
     def __call__(self, logits, state, generator):
-        ids = sample_from_probs(self.probs(logits), generator)
+        ids = sample_from_probs(self.probs(logits), generator, state.uniforms)
         at_fork = (entropy(logits) >= self.h) & ~state.forked
         if bool(at_fork.any()):
             order, b = self.branches(logits)

@@ -164,6 +164,56 @@ def test_same_seed_same_samples_and_chunking():
         assert int(d.min()) >= 0 and int(d.max()) < VOCAB
 
 
+def test_samples_equal_inverse_cdf_of_full_forward_with_step_major_uniforms():
+    """The draw order the module docstring promises: per chunk, rand((max_new_tokens, rows)),
+    row r's token at step t from uniform [t, r] by inverse CDF of the full forward's softmax,
+    early stop or not. A hand-written reference from full forwards gives the same tokens."""
+    model = _model(seed=3)
+    prompts = _prompts(3, 4, seed=5)
+    n, new, eos, pad, batch = 4, 6, 2, 0, 8  # chunks of 2 problems x 4 samples, then 1 x 4
+    got = sample(model, prompts, n, new, eos, pad, "temperature:1", torch.Generator().manual_seed(9), batch_size=batch)
+    g = torch.Generator().manual_seed(9)
+    want = torch.full((3, n, new), pad)
+    for p0, p1 in ((0, 2), (2, 3)):
+        rows = (p1 - p0) * n
+        u = torch.rand((new, rows), generator=g)
+        seqs = prompts[p0:p1].repeat_interleave(n, dim=0)
+        done = torch.zeros(rows, dtype=torch.bool)
+        with torch.no_grad():
+            for t in range(new):
+                probs = torch.softmax(model(seqs)[:, -1].double(), dim=-1)
+                cdf = probs.cumsum(-1)
+                ids = torch.searchsorted(cdf, ((1 - u[t]).double() * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+                ids = ids.clamp(max=VOCAB - 1)
+                want[p0:p1].view(rows, new)[:, t] = torch.where(done, pad, ids)
+                done |= ids == eos
+                seqs = torch.cat([seqs, ids[:, None]], dim=1)
+    assert torch.equal(got, want)
+
+
+def test_a_chunk_that_stops_early_still_uses_up_its_uniforms():
+    """Chunk 1 stops after 2 of 6 steps; chunk 2 still starts at uniform block 2 of the stream,
+    so the samples do not depend on when a chunk stopped (nor on the device's sync habits)."""
+    eos, pad, n, new, vocab = 0, 9, 4, 6, 8
+
+    def logits_fn(t, rows):  # step 0: uniform over tokens 1..7; later steps: EOS for sure
+        logits = torch.zeros(rows, vocab)
+        logits[:, 0] = float("-inf") if t == 0 else 50.0
+        return logits
+
+    stepper = ScriptedStepper(logits_fn)
+    got = sample(stepper, torch.zeros(2, 3, dtype=torch.long), n, new, eos, pad, "temperature:1",
+                 torch.Generator().manual_seed(4), batch_size=n)
+    assert stepper.steps == 2  # one step per chunk: everyone emits EOS at t = 1
+    g = torch.Generator().manual_seed(4)
+    for chunk in range(2):
+        u = torch.rand((new, n), generator=g)[0]  # each chunk draws its whole (new, rows) block
+        first = 1 + torch.floor((1 - u) * 7 - 1e-6).clamp(min=0).long()  # inverse CDF over tokens 1..7
+        assert torch.equal(got[chunk, :, 0], first)
+        assert torch.equal(got[chunk, :, 1], torch.full((n,), eos))
+        assert torch.equal(got[chunk, :, 2:], torch.full((n, new - 2), pad))
+
+
 def test_bridge_is_accepted():
     bridge = TransformerBridge.boot_native(_cfg())
     prompts = _prompts(2, 4)
