@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session, as one prepared script: imports, the test suite on CUDA, then every benchmark
-# with --device cuda (the demo first: the others measure its final checkpoint). Each stage has its
+# with --device cuda (the demo first: the others measure its final checkpoint; the longest last). Each stage has its
 # own time limit so one slow stage cannot starve the rest; everything is logged to $OUT/gpu.log.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh
+#   OUT=/tmp/gpu STAGES="setup tests" bash benchmarks/gpu_session.sh   # some stages only
 #
+# The tests stage needs pytest-xdist and pytest-timeout (both in the GPU image); a killed stage
+# leaves no worker behind. NAIVE_PROBLEMS (default 20) sizes run_vs_naive's naive script.
 # Missing packages (transformer-lens, nnsight and what they import) are installed from .whl/ when
 # that folder exists (see the device notes in README's "GPU" section).
 set -u
@@ -20,12 +23,15 @@ else
   export PYTHONPATH=$PWD
 fi
 
+STAGES=${STAGES:-setup tests demo_wall run_vs_naive sampler_vs_plain train_vs_plain cuda_vs_cpu}
 stage() {  # stage NAME LIMIT_SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   echo "=== $name (limit ${limit}s) $(date +%T)" | tee -a "$LOG"
   local t0=$(date +%s)
   timeout "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
+  pkill -9 -f "pytest|benchmarks/[a-z_]+[.]py" 2>/dev/null
   echo "=== $name: exit $rc after $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
   tail -n 3 "$LOG" | head -n 2
 }
@@ -37,12 +43,13 @@ import probes.api, hooks.native, hooks.hf, analysis.figures, probes.sweep
 print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))
 print(\"transformers\", transformers.__version__, \"transformer_lens\", transformer_lens.__version__ if hasattr(transformer_lens, \"__version__\") else \"?\", \"nnsight\", nnsight.__version__, \"pandas\", pandas.__version__)
 "'
-stage tests 150 python3 -m pytest -q -n 8 --ignore=tests/test_notebook.py -p no:randomly
+stage tests ${TESTS_LIMIT:-150} python3 -m pytest -v --tb=short -rfE --durations=12 -n 16 --timeout 120 \
+  -p no:randomly -p no:benchmark --ignore=tests/test_notebook.py
 stage demo_wall 200 python3 benchmarks/demo_wall.py --device cuda --out runs/demo --no-growth
-stage run_vs_naive 80 python3 benchmarks/run_vs_naive.py --device cuda
 stage sampler_vs_plain 40 python3 benchmarks/sampler_vs_plain.py --device cuda
 stage train_vs_plain 40 python3 benchmarks/train_vs_plain.py --device cuda
 stage cuda_vs_cpu 40 python3 benchmarks/cuda_vs_cpu.py
+stage run_vs_naive ${RVN_LIMIT:-80} python3 benchmarks/run_vs_naive.py --device cuda --naive-problems ${NAIVE_PROBLEMS:-20}
 for f in report.md results.csv manifest.json; do
   [ -f runs/demo/results/$f ] && cp runs/demo/results/$f "$OUT/demo-$f"
 done

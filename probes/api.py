@@ -93,10 +93,14 @@ def demo(out: str | Path = "runs/demo", device: str | None = None, progress: boo
     out = Path(out)
     cfg = load_config(None, list(overrides or []))
     train(cfg, out=out, device=device, progress=progress, log=log)
+    t1 = time.perf_counter()
     df = run([str(out / "checkpoints" / "sft-step*")], out=out / "results", device=device, progress=progress,
              samples=cfg.eval.samples, strategies=[cfg.eval.strategy], seed=cfg.eval.seed, log=log)
+    t2 = time.perf_counter()
     files, skipped, report = figures(out / "results", log=log)
-    log(f"demo finished in {time.perf_counter() - t0:.0f}s; the report is {report}")
+    t3 = time.perf_counter()
+    log(f"demo finished in {t3 - t0:.0f}s (data and training {t1 - t0:.0f}s, probes run {t2 - t1:.0f}s, "
+        f"figures {t3 - t2:.0f}s); the report is {report}")
     return df, report
 
 

@@ -8,6 +8,7 @@ checkpoint always says which data made it. Existing data with the same recipe is
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print, eval_from:
         raise UsageError(
             f"{out_dir} holds data made with another recipe; use another --out or delete {out_dir}"
         )
+    t0 = time.perf_counter()
     task = get_task(cfg.task)
     sft = make_sft(task, cfg.data, cfg.seed)
     if eval_from is None:
@@ -161,5 +163,5 @@ def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print, eval_from:
     manifest["hash"] = sha256_json(manifest)
     write_json(manifest_path, manifest)
     counts = ", ".join(f"{f['count']} {name[: -len('.jsonl')]}" for name, f in files.items())
-    log(f"data: {counts} problems -> {out_dir}")
+    log(f"data: {counts} problems -> {out_dir} ({time.perf_counter() - t0:.0f}s)")
     return manifest

@@ -204,14 +204,16 @@ def train(
         pre_cfg = cfg.pretrain
         pre_done = list_checkpoints(ckpt_dir, "pretrain")
         if not (pre_done and pre_done[-1][1] >= pre_cfg.steps):
+            t_corpus = time.perf_counter()
             corpus = load_corpus(data_dir / "pretrain.jsonl", tokenizer, max_len)
+            t_corpus = time.perf_counter() - t_corpus
             report["pretrain"] = train_phase(
                 module, corpus, pre_cfg, "pretrain", cfg.seed, ckpt_dir, lambda: ckpt_config,
                 meta("pretrain"), False, dev, progress, stop_after.get("pretrain"),
             )
             loss = report["pretrain"]["final_loss"]
             log(f"pretrain: {report['pretrain']['steps']} steps in {report['pretrain']['seconds']:.0f}s"
-                + (f", loss {loss:.3f}" if loss is not None else ""))
+                + (f", loss {loss:.3f}" if loss is not None else "") + f" (corpus tokenized in {t_corpus:.0f}s)")
             if report["pretrain"]["steps"] < pre_cfg.steps:
                 return report
         base_path = list_checkpoints(ckpt_dir, "pretrain")[-1][2]
@@ -222,7 +224,9 @@ def train(
     if not sft_done:
         module.load_state_dict(weights, strict=False)
     if not (sft_done and sft_done[-1][1] >= cfg.sft.steps):
+        t_corpus = time.perf_counter()
         corpus = load_corpus(data_dir / "sft.jsonl", tokenizer, max_len)
+        t_corpus = time.perf_counter() - t_corpus
         if not sft_done:
             module.load_state_dict(weights, strict=False)
         report["sft"] = train_phase(
@@ -230,6 +234,7 @@ def train(
             meta("sft"), True, dev, progress, stop_after.get("sft"),
         )
         loss = report["sft"]["final_loss"]
-        log(f"sft: {report['sft']['steps']} steps in {report['sft']['seconds']:.0f}s" + (f", loss {loss:.3f}" if loss is not None else ""))
+        log(f"sft: {report['sft']['steps']} steps in {report['sft']['seconds']:.0f}s"
+            + (f", loss {loss:.3f}" if loss is not None else "") + f" (corpus tokenized in {t_corpus:.0f}s)")
     report["checkpoints"] = [str(p) for _, _, p in list_checkpoints(ckpt_dir)]
     return report
