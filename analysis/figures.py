@@ -907,26 +907,52 @@ def shrinkage_vs_prevalence(df: pd.DataFrame) -> Figure:
 def sweep_coverage(df: pd.DataFrame, *, task: str | None = None, prevalence: float | None = None) -> Figure:
     """pass@k curves of the base, each policy's final SFT model, and canonical SFT with each diversity strategy.
 
-    Defaults: the first task (sorted) and its highest prevalence. Values are means over seeds;
-    bands are the min-max over seeds (the bootstrap interval when there is one seed).
+    One panel per task (``task`` picks one), each at ``prevalence`` (default: the task's highest).
+    Values are means over seeds; bands are the min-max over seeds (the bootstrap interval when
+    there is one seed).
     """
     p = _sweep_pass(df, "sweep_coverage")
     tasks = sorted(set(p["task"]))
-    if task is None:
-        task = tasks[0]
-    if task not in tasks:
+    if task is not None and task not in tasks:
         raise UsageError(f"sweep_coverage: task {task!r} is not in the table; tasks: {', '.join(map(str, tasks))}")
-    p = p[p["task"] == task]
+    panels = [_sweep_coverage_panel(df, p[p["task"] == t], t, prevalence) for t in ([task] if task is not None else tasks)]
+    ks = sorted(set(p["k"]))
+    with _style():
+        n = len(panels)
+        fig = _new_figure(_COL_W if n == 1 else min(_PAGE_W, _COL_W * n * 0.9), 3.3)
+        axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
+        for ax, (title, lines) in zip(axes, panels):
+            for label, c, style in lines:
+                ax.plot(c.index.to_numpy(int), c["value"].to_numpy(float), label=label, ms=2.5, **style)
+                if np.isfinite(c["lo"].to_numpy(float)).any():
+                    ax.fill_between(c.index.to_numpy(int), c["lo"].to_numpy(float), c["hi"].to_numpy(float), color=style["color"], alpha=0.13, lw=0)
+            _k_axis(ax, ks)
+            ax.set_title(title if n == 1 else title.split(" (")[0])
+        if n > 1:
+            fig.suptitle(f"decoding: {default_strategy(df) or 'default'} unless a strategy is named", fontsize="medium")
+        for ax in axes[1:]:
+            ax.set_ylabel("")
+        labels = [label for label, _, _ in panels[0][1]]
+        longest = max((len(label) for label in labels), default=0)
+        handles, names = axes[0].get_legend_handles_labels()
+        if n == 1:
+            axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2 if longest <= 26 else 1, handlelength=2.2)
+        else:
+            fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2 if longest <= 40 else 1, handlelength=2.2)
+    return fig
+
+
+def _sweep_coverage_panel(df: pd.DataFrame, p: pd.DataFrame, task: str, prevalence: float | None):
+    """(title, [(label, curve, style)]) for one task's coverage panel."""
     is_base = _sweep_base_mask(p)
     sft = p[~is_base & (p["phase"] != "pretrain")]
     if sft.empty:
         raise UsageError(f"sweep_coverage: task {task!r} has no SFT rows")
     prevs = sorted(set(sft["prevalence"].astype(float)))
-    if prevalence is None:
-        prevalence = prevs[-1]
-    close = [v for v in prevs if math.isclose(v, float(prevalence), abs_tol=1e-9)]
+    want = prevs[-1] if prevalence is None else prevalence
+    close = [v for v in prevs if math.isclose(v, float(want), abs_tol=1e-9)]
     if not close:
-        raise UsageError(f"sweep_coverage: prevalence {prevalence} is not in the table for task {task!r}; measured: {prevs}")
+        raise UsageError(f"sweep_coverage: prevalence {want} is not in the table for task {task!r}; measured: {prevs}")
     sft = sft[np.isclose(sft["prevalence"].astype(float), close[0])]
     sft = sft[sft["step"] == sft.groupby(["policy", "seed"])["step"].transform("max")]
     default = default_strategy(df)
@@ -956,19 +982,7 @@ def sweep_coverage(df: pd.DataFrame, *, task: str | None = None, prevalence: flo
         lines.append(
             (f"SFT {anchor} + {strategy}", curve(rows), dict(color=_POLICY_COLORS[policies.index(anchor) % len(_POLICY_COLORS)], lw=1.3, ls=_STRATEGY_STYLES[(j + 1) % 4], marker="s"))
         )
-    ks = sorted(set(p["k"]))
-    with _style():
-        fig = _new_figure(_COL_W, 3.3)
-        ax = fig.add_subplot()
-        for label, c, style in lines:
-            ax.plot(c.index.to_numpy(int), c["value"].to_numpy(float), label=label, ms=2.5, **style)
-            if np.isfinite(c["lo"].to_numpy(float)).any():
-                ax.fill_between(c.index.to_numpy(int), c["lo"].to_numpy(float), c["hi"].to_numpy(float), color=style["color"], alpha=0.13, lw=0)
-        _k_axis(ax, ks)
-        ax.set_title(f"task {task}, fork prevalence {close[0]:g} ({default or 'default decoding'})")
-        longest = max((len(label) for label, _, _ in lines), default=0)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2 if longest <= 26 else 1, handlelength=2.2)
-    return fig
+    return f"task {task}, fork prevalence {close[0]:g} ({default or 'default decoding'})", lines
 
 
 # --------------------------------------------------------------------------- saving

@@ -18,20 +18,18 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def check_train_matches(tmp: Path, device: str) -> None:
-    """The tiny config trained on ``device`` ends within float noise of the CPU run."""
-    from safetensors.torch import load_file
+    """The tiny config trained on ``device`` follows the CPU run's losses.
 
+    Weights are not compared element by element: Adam divides by the gradient's own scale, so
+    float noise in a near-zero gradient becomes a full learning-rate step of either sign.
+    """
     from probes.api import train
 
-    weights = []
-    for i, dev in enumerate(("cpu", device)):
-        out = tmp / f"train-{i}"
-        train("tiny", out=out, device=dev, progress=False, log=lambda *_: None)
-        weights.append(load_file(str(out / "checkpoints" / "sft-step000020" / "model.safetensors")))
-    a, b = weights
-    assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).abs().max() / (a[k].abs().max() + 1e-12)) for k in a)
-    assert worst < 1e-3, f"weights after 40 steps differ by {worst:.2e} (relative) between cpu and {device}"
+    reports = [train("tiny", out=tmp / f"train-{i}", device=dev, progress=False, log=lambda *_: None)
+               for i, dev in enumerate(("cpu", device))]
+    for phase in ("pretrain", "sft"):
+        a, b = (r[phase]["final_loss"] for r in reports)
+        assert abs(a - b) <= 0.01 * a, f"{phase} loss {a:.4f} on cpu, {b:.4f} on {device}"
 
 
 def check_run_matches(tiny_run: Path, tmp: Path, device: str) -> None:
@@ -86,6 +84,7 @@ def test_hf_capture_on_cuda_matches_cpu(tmp_path):
 
 
 def test_checks_hold_cpu_against_cpu(tiny_run, tmp_path):
-    """Two of the checks above with the CPU as the second device (training twice is left to CUDA)."""
+    """The checks above with the CPU as the second device."""
+    check_train_matches(tmp_path, "cpu")
     check_run_matches(tiny_run, tmp_path, "cpu")
     check_hf_capture_matches(tmp_path, "cpu")

@@ -218,6 +218,12 @@ def test_sweep_coverage_curves(sweep_df):
     np.testing.assert_allclose(lines[0].get_ydata(), base.to_numpy())
     fin = p[(p["step"] == 400) & (p["policy"] == "canonical") & (p["prevalence"] == 1.0)].groupby("k")["value"].mean()
     np.testing.assert_allclose(lines[1].get_ydata(), fin.to_numpy())
+    both = F.sweep_coverage(sweep_df)  # every task, one panel each, the same curves per panel
+    assert [ax.get_title() for ax in both.axes] == ["task arith, fork prevalence 1", "task maze, fork prevalence 1"]
+    np.testing.assert_allclose(_labelled_lines(both.axes[0])[1].get_ydata(), fin.to_numpy())
+    maze = sweep_df[(sweep_df["metric"] == "pass@k") & (sweep_df["task"] == "maze") & (sweep_df["strategy"] == DEFAULT_STRATEGY)]
+    maze_base = maze[maze["step"] == 0].groupby(["seed", "k"])["value"].mean().groupby("k").mean()
+    np.testing.assert_allclose(_labelled_lines(both.axes[1])[0].get_ydata(), maze_base.to_numpy())
     with pytest.raises(UsageError, match="task 'nope'"):
         F.sweep_coverage(sweep_df, task="nope")
     with pytest.raises(UsageError, match="sweep table"):
