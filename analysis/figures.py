@@ -816,19 +816,22 @@ def sweep_summary(shrink: pd.DataFrame) -> pd.DataFrame:
 
 
 def sweep_spearman(shrink: pd.DataFrame) -> pd.DataFrame:
-    """Spearman rho between prevalence and shrinkage per (task, policy, strategy), over every seed's cell."""
+    """Spearman rho between prevalence and shrinkage per (task, policy, strategy): ``rho`` over every
+    seed's cell, ``rho_seed_means`` over the per-prevalence means (seed noise averaged out first)."""
     rows = []
     for (task, policy, strategy), g in shrink.groupby(["task", "policy", "strategy"]):
+        means = g.groupby("prevalence")["shrinkage"].mean()
         rows.append(
             {
                 "task": task,
                 "policy": policy,
                 "strategy": strategy,
                 "rho": _spearman(g["prevalence"].to_numpy(float), g["shrinkage"].to_numpy(float)),
+                "rho_seed_means": _spearman(means.index.to_numpy(float), means.to_numpy(float)),
                 "n": len(g),
             }
         )
-    return pd.DataFrame(rows, columns=["task", "policy", "strategy", "rho", "n"])
+    return pd.DataFrame(rows, columns=["task", "policy", "strategy", "rho", "rho_seed_means", "n"])
 
 
 def _policy_order(policies) -> list[str]:
