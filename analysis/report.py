@@ -38,7 +38,11 @@ from training.errors import UsageError
 __all__ = ["COLLAPSE_FRACTION", "key_numbers", "write_report"]
 
 COLLAPSE_FRACTION = 0.9
-"""The collapse layer is the first lens layer whose top-branch share reaches this fraction of the last layer's."""
+"""The collapse layer is the first lens layer whose rise in top-branch share (base to final
+checkpoint) reaches this fraction of the last layer's rise."""
+
+COLLAPSE_MIN_RISE = 0.02
+"""Below this rise of the last layer's top-branch share there is no collapse to locate."""
 
 _CAPTIONS = {
     "coverage_curves": "pass@k against k for every checkpoint (base in black; bands: 95% bootstrap intervals over problems).",
@@ -72,29 +76,35 @@ def _pair(df: pd.DataFrame, base: str, final: str, metric: str, **match: Any) ->
     return {"base": _one(df, base, metric, **dict(match)), "final": _one(df, final, metric, **dict(match))}
 
 
-def _collapse_layer(df: pd.DataFrame, checkpoint: str) -> dict[str, Any] | None:
-    """First lens layer whose lens_mass_top_branch reaches COLLAPSE_FRACTION of the last layer's value."""
+def _collapse_layer(df: pd.DataFrame, base: str, final: str) -> dict[str, Any] | None:
+    """Where in the stack SFT's collapse appears: the first lens layer whose lens_mass_top_branch
+    rose from ``base`` to ``final`` by COLLAPSE_FRACTION of the last layer's rise.
+
+    A rise, not a level: early layers' lens distributions put little mass on any branch, and the
+    share among those crumbs can be high in the base model already (0.76 at layer 0 in the default
+    run), which says nothing about the fine-tuning.
+    """
     kind = _pick_kind(df, "lens_mass_top_branch", ["indecipherable", "all", ""])
-    if kind is None:
+    if kind is None or base == final:
         return None
-    sub = df[(df["metric"] == "lens_mass_top_branch") & (df["checkpoint"] == checkpoint) & (df["kind"] == kind)]
-    sub = sub[sub["layer"].notna()]
-    sub = sub.assign(layer=sub["layer"].astype(int)).sort_values("layer")
-    if sub.empty or not math.isfinite(float(sub["value"].iloc[-1])):
-        return None  # without the last layer's value there is nothing to compare against
-    last = sub.iloc[-1]
-    threshold = COLLAPSE_FRACTION * float(last["value"])
-    hit = sub[sub["value"] >= threshold].iloc[0]  # the last layer always qualifies
-    return {
-        "checkpoint": checkpoint,
-        "kind": kind,
-        "layer": int(hit["layer"]),
-        "value": float(hit["value"]),
-        "last_layer": int(last["layer"]),
-        "last_value": float(last["value"]),
-        "threshold": threshold,
-        "fraction": COLLAPSE_FRACTION,
+    sub = df[(df["metric"] == "lens_mass_top_branch") & (df["kind"] == kind) & df["layer"].notna()]
+    per = sub.assign(layer=sub["layer"].astype(int)).pivot_table(index="layer", columns="checkpoint", values="value")
+    if base not in per or final not in per:
+        return None
+    per = per[[base, final]].dropna().sort_index()
+    if per.empty:
+        return None
+    rise = per[final] - per[base]
+    out = {
+        "base": base, "checkpoint": final, "kind": kind, "last_layer": int(per.index[-1]), "fraction": COLLAPSE_FRACTION,
+        "rise": {int(layer): float(v) for layer, v in rise.items()},
+        "last_rise": float(rise.iloc[-1]), "base_last": float(per[base].iloc[-1]), "final_last": float(per[final].iloc[-1]),
     }
+    if not float(rise.iloc[-1]) >= COLLAPSE_MIN_RISE:
+        return {**out, "layer": None, "threshold": None, "value": None}
+    threshold = COLLAPSE_FRACTION * float(rise.iloc[-1])
+    layer = int(rise[rise >= threshold].index[0])  # the last layer always qualifies
+    return {**out, "layer": layer, "threshold": threshold, "value": float(rise.loc[layer])}
 
 
 def _best_layer(df: pd.DataFrame, checkpoint: str, metric: str) -> dict[str, Any] | None:
@@ -159,7 +169,7 @@ def key_numbers(df: pd.DataFrame) -> dict[str, Any]:
     out["entropy_other"] = _pair(df, base, final, "entropy_other", kind="all") if (df["metric"] == "entropy_other").any() else None
     ind = _pick_kind(df, "mass_top_branch", ["indecipherable"])
     out["mass_top_branch"] = {"kind": ind, **_pair(df, base, final, "mass_top_branch", kind=ind)} if ind is not None else None
-    out["collapse_layer"] = _collapse_layer(df, final)
+    out["collapse_layer"] = _collapse_layer(df, base, final)
     out["probe_selectivity"] = {
         metric: {"base": _best_layer(df, base, metric), "final": _best_layer(df, final, metric)}
         for metric in ("probe_selectivity_taken", "probe_selectivity_valid")
@@ -226,16 +236,19 @@ def _run_section(kn: dict[str, Any]) -> list[str]:
             "",
         ]
     c = kn["collapse_layer"]
+    if c is None:
+        where = "not measured (no logit-lens rows, or no base checkpoint to compare with)."
+    elif c["layer"] is None:
+        where = (f"none: at {c['kind'] or 'all'} forks the last layer's share rose by only {_f(c['last_rise'])} "
+                 f"({_f(c['base_last'])} → {_f(c['final_last'])}), below {COLLAPSE_MIN_RISE:g}.")
+    else:
+        rises = ", ".join(_f(v) for v in c["rise"].values())
+        where = (f"layer {c['layer']} of {c['last_layer']} at {c['kind'] or 'all'} forks (the last layer's share rose "
+                 f"{_f(c['base_last'])} → {_f(c['final_last'])}; rise per layer, 0 to {c['last_layer']}: {rises}).")
     lines.append(
         f"**Collapse layer** — the first logit-lens layer (0 = the residual before block 0, the last = after the "
-        f"final block) at which `lens_mass_top_branch` at the final checkpoint reaches {COLLAPSE_FRACTION:.0%} of its "
-        "last-layer value: "
-        + (
-            "not measured (no logit-lens rows)."
-            if c is None
-            else f"layer {c['layer']} of {c['last_layer']} at {c['kind'] or 'all'} forks "
-            f"({_f(c['value'])} ≥ {_f(c['threshold'])} = {COLLAPSE_FRACTION:g} × {_f(c['last_value'])})."
-        )
+        f"final block) at which the rise of `lens_mass_top_branch` from the base to the final checkpoint reaches "
+        f"{COLLAPSE_FRACTION:.0%} of the last layer's rise: " + where
     )
     lines.append("")
     return lines

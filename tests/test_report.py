@@ -48,12 +48,16 @@ def test_key_numbers_equal_the_table(run_df):
 
 def test_collapse_layer_and_best_probe_layer(run_df):
     kn = key_numbers(run_df)
-    lens = run_df[(run_df["metric"] == "lens_mass_top_branch") & (run_df["checkpoint"] == FINAL) & (run_df["kind"] == "indecipherable")]
-    vals = lens.sort_values("layer")["value"].to_list()
-    expect = next(i for i, v in enumerate(vals) if v >= COLLAPSE_FRACTION * vals[-1])  # hand loop
+    def lens(ck):
+        rows = run_df[(run_df["metric"] == "lens_mass_top_branch") & (run_df["checkpoint"] == ck) & (run_df["kind"] == "indecipherable")]
+        return rows.sort_values("layer")["value"].to_list()
+
+    rise = [f - b for f, b in zip(lens(FINAL), lens(BASE))]
+    expect = next(i for i, v in enumerate(rise) if v >= COLLAPSE_FRACTION * rise[-1])  # hand loop
     c = kn["collapse_layer"]
-    assert c["layer"] == expect and 0 < expect < len(vals) - 1  # the synthetic table collapses mid-stack
-    assert c["last_value"] == vals[-1] and c["value"] == vals[expect]
+    assert c["layer"] == expect and 0 < expect < len(rise) - 1  # the synthetic table collapses mid-stack
+    assert c["last_rise"] == pytest.approx(rise[-1]) and c["value"] == pytest.approx(rise[expect])
+    assert (c["base"], c["checkpoint"]) == (BASE, FINAL)
     sel = run_df[(run_df["metric"] == "probe_selectivity_taken") & (run_df["checkpoint"] == FINAL)]
     best = sel.loc[sel["value"].idxmax()]
     got = kn["probe_selectivity"]["probe_selectivity_taken"]["final"]
@@ -93,7 +97,7 @@ def test_report_tolerates_one_checkpoint_missing_metrics_and_manifest(tmp_path):
     df = synthetic_results(n_checkpoints=1, lens=False, probes=False)
     path = write_report(df, tmp_path, manifest=None, figure_files=[], skipped=["skipped dynamics: one checkpoint"])
     text = path.read_text()
-    assert "Only one checkpoint" in text and "not measured (no logit-lens rows)" in text
+    assert "Only one checkpoint" in text and "not measured (no logit-lens rows, or no base checkpoint" in text
     assert "No manifest was given" in text and "skipped dynamics: one checkpoint" in text
     kn = key_numbers(df)
     assert kn["collapse_layer"] is None and kn["probe_selectivity"] == {}
@@ -119,3 +123,16 @@ def test_sweep_report_numbers(tmp_path):
     text = write_report(df, tmp_path, manifest=None, figure_files=[], skipped=[]).read_text()
     assert f"{rows[1.0]['shrinkage_mean']:.3f} ± {rows[1.0]['shrinkage_std']:.3f}" in text
     assert re.search(rf"\| arith \| Spearman ρ \| ρ = {rho:.2f}", text)
+
+
+def test_collapse_layer_none_without_a_rise(tmp_path):
+    df = synthetic_results(n_checkpoints=3)
+    final = sorted(set(df["checkpoint"]))[-1]
+    lens = df["metric"] == "lens_mass_top_branch"
+    base_vals = df[lens & (df["checkpoint"] == BASE)].set_index(["kind", "layer"])["value"]
+    flat = df.copy()
+    for i in flat.index[lens & (flat["checkpoint"] == final)]:  # the final checkpoint's lens = the base's + 0.01
+        flat.loc[i, "value"] = base_vals[(flat.loc[i, "kind"], flat.loc[i, "layer"])] + 0.01
+    c = key_numbers(flat)["collapse_layer"]
+    assert c["layer"] is None and c["last_rise"] == pytest.approx(0.01)
+    assert "none: at indecipherable forks the last layer's share rose by only 0.01" in write_report(flat, tmp_path).read_text()
