@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval", help="annotated JSONL eval set (default: the one in the checkpoints' data manifest)")
     r.add_argument("--samples", type=int, default=None, help="samples per problem for pass@k (default 32)")
     r.add_argument("--k", type=int, nargs="+", default=None, help="pass@k's k values (default 1, 2, 4, ... up to --samples)")
-    r.add_argument("--strategy", action="append", default=None, metavar="NAME", help="decoding strategy, repeatable (default temperature:1.0)")
+    r.add_argument("--strategy", action="extend", nargs="+", default=None, metavar="NAME",
+                   help="decoding strategies: --strategy A B, or the flag repeated (default temperature:1.0)")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     r.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype (Hugging Face checkpoints)")
     r.add_argument("--verifier", default=None, help="exact, regex:PATTERN or module:function (own data)")

@@ -147,3 +147,14 @@ def test_bad_run_input(tiny_run, tmp_path, tiny_results):
     _one_line_exit_2(_cli("run", "--checkpoints", ck, "--samples", "4", "--out", str(out)), "another run's results")
     assert (out / "results.parquet").read_bytes() == before
     _one_line_exit_2(_cli("run", "--checkpoints", ck, "--strategy", "hot:3"), "strategy")
+
+
+def test_cli_strategies_after_one_flag_or_repeated(tiny_run, tmp_path):
+    from probes.api import load_results
+
+    ck = str(tiny_run / "checkpoints" / "sft-step000020")
+    for name, flags in (("one", ["--strategy", "temperature:1", "greedy"]),
+                        ("repeated", ["--strategy", "temperature:1", "--strategy", "greedy"])):
+        r = _cli("run", "--checkpoints", ck, "--samples", "2", "--out", str(tmp_path / name), "--quiet", *flags)
+        assert r.returncode == 0, r.stderr
+        assert set(load_results(tmp_path / name)["strategy"]) - {""} == {"temperature:1", "greedy"}
