@@ -23,7 +23,7 @@ else
   export PYTHONPATH=$PWD
 fi
 
-STAGES=${STAGES:-setup tests demo_wall run_vs_naive sampler_vs_plain train_vs_plain cuda_vs_cpu}
+STAGES=${STAGES:-setup cuda_tests tests demo_wall run_vs_naive sampler_vs_plain train_vs_plain cuda_vs_cpu}
 stage() {  # stage NAME LIMIT_SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
@@ -43,8 +43,12 @@ import probes.api, hooks.native, hooks.hf, analysis.figures, probes.sweep
 print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))
 print(\"transformers\", transformers.__version__, \"transformer_lens\", transformer_lens.__version__ if hasattr(transformer_lens, \"__version__\") else \"?\", \"nnsight\", nnsight.__version__, \"pandas\", pandas.__version__)
 "'
-stage tests ${TESTS_LIMIT:-150} python3 -m pytest -v --tb=short -rfE --durations=12 -n 16 --timeout 120 \
-  -p no:randomly -p no:benchmark --ignore=tests/test_notebook.py
+# The CUDA-specific files first, alone and with whole tracebacks: a later stage's time limit must
+# not cost their diagnosis (it did once). Then the whole suite, one torch thread per worker.
+stage cuda_tests ${CUDA_TESTS_LIMIT:-120} python3 -m pytest -v --tb=long -rfE -p no:randomly -p no:benchmark \
+  tests/test_cuda.py tests/test_hf.py tests/test_sampler.py
+stage tests ${TESTS_LIMIT:-150} env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python3 -m pytest -v --tb=short -rfE \
+  --durations=12 -n 16 --timeout 120 -p no:randomly -p no:benchmark --ignore=tests/test_notebook.py
 stage demo_wall 200 python3 benchmarks/demo_wall.py --device cuda --out runs/demo --no-growth
 stage sampler_vs_plain 40 python3 benchmarks/sampler_vs_plain.py --device cuda
 stage train_vs_plain 40 python3 benchmarks/train_vs_plain.py --device cuda
