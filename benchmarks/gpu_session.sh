@@ -6,8 +6,13 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh
 #   OUT=/tmp/gpu STAGES="setup tests" bash benchmarks/gpu_session.sh   # some stages only
 #
+# All stages at their limits take ~13 min, more than one 10-minute device call: split them, e.g.
+#   STAGES="setup cuda_tests tests"   then
+#   STAGES="setup demo_wall sampler_vs_plain train_vs_plain cuda_vs_cpu run_vs_naive"
+# (on one H100 the second took ~5 min: demo 3 min, the rest under 30 s each, run_vs_naive longer).
+#
 # The tests stage needs pytest-xdist and pytest-timeout (both in the GPU image); a killed stage
-# leaves no worker behind. NAIVE_PROBLEMS (default 20) sizes run_vs_naive's naive script.
+# leaves no worker behind. NAIVE_PROBLEMS (default 4) sizes run_vs_naive's naive script.
 # Missing packages (transformer-lens, nnsight and what they import) are installed from .whl/ when
 # that folder exists (see the device notes in README's "GPU" section).
 set -u
@@ -53,7 +58,7 @@ stage demo_wall 200 python3 benchmarks/demo_wall.py --device cuda --out runs/dem
 stage sampler_vs_plain 40 python3 benchmarks/sampler_vs_plain.py --device cuda
 stage train_vs_plain 40 python3 benchmarks/train_vs_plain.py --device cuda
 stage cuda_vs_cpu 40 python3 benchmarks/cuda_vs_cpu.py
-stage run_vs_naive ${RVN_LIMIT:-80} python3 benchmarks/run_vs_naive.py --device cuda --naive-problems ${NAIVE_PROBLEMS:-20}
+stage run_vs_naive ${RVN_LIMIT:-150} python3 benchmarks/run_vs_naive.py --device cuda --naive-problems ${NAIVE_PROBLEMS:-4}
 for f in report.md results.csv manifest.json; do
   [ -f runs/demo/results/$f ] && cp runs/demo/results/$f "$OUT/demo-$f"
 done
