@@ -11,6 +11,7 @@ from hooks.load import load
 from training.checkpoint import list_checkpoints, read_checkpoint, schedule
 from training.config import load_config
 from training.model import build_native
+from training.errors import UsageError
 from training.schema import read_jsonl
 from training.tasks import get_task
 
@@ -113,3 +114,29 @@ def test_print_config_shows_the_embedded_default():
     assert r.returncode == 0
     cfg = json.loads(r.stdout)
     assert cfg["sft"]["steps"] == 7 and cfg["task"]["name"] == "graph" and cfg["data"]["n_eval"] >= 200
+
+
+def test_tokenizer_fast_encode_equals_the_located_one():
+    from training.tokenizer import WordTokenizer
+
+    tok = WordTokenizer(["a", "b", "->", "é"])
+    for text in ["a b", "  a\tb\n->  ", "a\x1cb\u00a0é\u2028a", "", "   "]:
+        assert tok.encode(text) == [t for t, _ in tok.encode_with_offsets(text)]
+    with pytest.raises(UsageError, match="unknown token 'c' at character 4"):
+        tok.encode("a b c")
+
+
+def test_tokenized_corpus_by_hand():
+    from training.corpus import tokenize_problems
+    from training.schema import Problem
+    from training.tokenizer import WordTokenizer
+
+    tok = WordTokenizer(["a", "b", "c"])  # ids: <pad> 0, <eos> 1, a 2, b 3, c 4
+    probs = [Problem("a b", " c", "c", []), Problem("a", " b c a", "b c a", [])]
+    c = tokenize_problems(probs, tok, max_len=8)
+    assert c.ids.tolist() == [[2, 3, 4, 1, 0], [2, 3, 4, 2, 1]]
+    assert c.lengths.tolist() == [4, 5]
+    # position t trains the prediction of token t+1: the completion tokens and the EOS
+    assert c.loss_mask.tolist() == [[False, True, True, False, False], [True, True, True, True, False]]
+    with pytest.raises(UsageError, match="more than the model's context 4"):
+        tokenize_problems(probs, tok, max_len=4)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
@@ -36,14 +38,13 @@ def tokenize_problems(problems, tokenizer: WordTokenizer, max_len: int) -> Token
             raise UsageError(f"an example has {len(seq)} tokens, more than the model's context {max_len}")
         rows.append(seq)
         prompt_lens.append(len(prompt))
-    n, T = len(rows), max(len(r) for r in rows)
-    ids = torch.full((n, T), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros((n, T), dtype=torch.bool)
-    lengths = torch.tensor([len(r) for r in rows])
-    for i, (r, pl) in enumerate(zip(rows, prompt_lens)):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, pl - 1 : len(r) - 1] = True  # predict every completion token and the EOS
-    return TokenizedCorpus(ids, mask, lengths)
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    starts = np.asarray(prompt_lens, dtype=np.int64) - 1
+    cols = np.arange(int(lengths.max()))[None, :]
+    ids = np.full((len(rows), cols.shape[1]), tokenizer.pad_id, dtype=np.int64)
+    ids[cols < lengths[:, None]] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    mask = (cols >= starts[:, None]) & (cols < lengths[:, None] - 1)  # predict every completion token and the EOS
+    return TokenizedCorpus(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(lengths))
 
 
 def load_corpus(path: str | Path, tokenizer: WordTokenizer, max_len: int) -> TokenizedCorpus:
