@@ -8,6 +8,9 @@ Shapes: ``batch`` is one row per decision point; ``max_branches`` pads each fork
 with a boolean mask saying which entries are real. Functions that take branch mass also accept
 extra dims between ``batch`` and ``max_branches`` (e.g. the logit lens's ``layer``), with the
 ``[batch, max_branches]`` masks broadcast over them.
+
+``entropy`` is `hooks.distributions.entropy`, re-exported: the same function the decoding
+strategies threshold on, so a strategy's H and the table's entropy agree.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from hooks.distributions import entropy
 from training.errors import UsageError
 
 __all__ = [
@@ -35,18 +39,6 @@ __all__ = [
 def _wide(x: Tensor) -> Tensor:
     """Half-precision logits are widened so softmax sums and logs keep their digits."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _plogp(logp: Tensor) -> Tensor:
-    """p * log p with 0 * log 0 = 0, so logits masked to -inf (top-p, min-p) do not give NaN."""
-    p = logp.exp()
-    return torch.where(p > 0, p * logp, torch.zeros_like(p))
-
-
-def entropy(logits: Float[Tensor, "... vocab"]) -> Float[Tensor, "..."]:
-    """Next-token entropy in nats, through log_softmax so large logits do not overflow."""
-    logp = torch.log_softmax(_wide(logits), dim=-1)
-    return -_plogp(logp).sum(dim=-1)
 
 
 def kl(p_logits: Float[Tensor, "... vocab"], q_logits: Float[Tensor, "... vocab"]) -> Float[Tensor, "..."]:

@@ -8,23 +8,44 @@ all measured by the same pass@k code, so each one is a small object with the sam
 
     ids = strategy(logits, state, generator)
 
-`str(strategy)` is the canonical spec (`parse_strategy(str(s)) == s`); it is what the results
-table's `strategy` column holds. `strategy.probs(logits)` is the distribution a row is sampled
-from (for `fork_stratified`: the distribution off the fork), so tests can check it exactly.
+`str(strategy)` is the canonical spec (`parse_strategy(str(s)) == s` for parameters of at most
+12 significant digits); it is what the results table's `strategy` column holds.
+`strategy.probs(logits)` is the distribution a row is sampled from (for `fork_stratified`: the
+distribution off the fork), so tests can check it exactly.
 
-Entropies are in nats and always of softmax(logits), i.e. at temperature 1.
+Entropies are in nats and always of softmax(logits), i.e. at temperature 1
+(`hooks.distributions.entropy`, the same function `analysis.metrics` reports).
+
+Each strategy class registers itself with `@register_strategy`, declaring its spec name, its
+parameters (`Param`: name, float or int, default or required, allowed range), a one-line
+description and an example spec; `parse_strategy`, the canonical `str`, and `VALID_FORMS` all
+come from those declarations. Adding a strategy is one class, one registration, one test:
+
+    @register_strategy
+    @dataclass(frozen=True, repr=False)
+    class Hot(Strategy):
+        t: float
+        name = "hot"
+        params = (Param("T", gt=0),)
+        description = "softmax(logits / T)"
+        example = "hot:2"
+
+        def probs(self, logits): ...
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from hooks.distributions import entropy
 from training.errors import UsageError
 
 __all__ = [
@@ -36,17 +57,23 @@ __all__ = [
     "MinP",
     "ForkTemperature",
     "ForkStratified",
+    "Param",
+    "register_strategy",
+    "unregister_strategy",
+    "strategy_names",
+    "registered_strategies",
     "parse_strategy",
     "entropy",
     "sample_from_probs",
     "VALID_FORMS",
 ]
 
-VALID_FORMS = (
-    "greedy, temperature:T (T>0), top_p:P (0<P<=1), min_p:P (0<P<=1), "
-    "fork_temp:T_hi,H[,T_base] (T_hi>0, H>=0 nats, T_base>0, default 1), "
-    "fork_stratified[:H[,M[,P]]] (H>=0 nats default 0.5, integer M>=2 default 4, 0<P<=1 default 0.9)"
-)
+VALID_FORMS = ""
+"""Every registered spec form with its rules, one line (e.g. "greedy, temperature:T (T>0), ...").
+
+Generated from the registry and regenerated whenever a strategy registers; error messages read
+it at raise time, so `hooks.strategies.VALID_FORMS` is always current (a `from hooks.strategies
+import VALID_FORMS` copy holds the strategies registered by then: all the built-in ones)."""
 
 
 @dataclass
@@ -81,10 +108,108 @@ def _fmt(x: float) -> str:
     return format(float(x), ".12g")
 
 
-def entropy(logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:
-    """Next-token entropy in nats of softmax(logits) (temperature 1); 0·log 0 counts as 0."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    return torch.special.entr(probs).sum(dim=-1)
+Number = Union[float, int]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a strategy spec, declared in the order it is written after the colon.
+
+    `name` is how forms and errors write it ("T", "H", "M"); `field` the dataclass attribute it
+    fills (default: `name.lower()`). `type` is float or int. `default` None means required; an
+    optional parameter may be left off the end of a spec. The allowed range is given by any of
+    `gt`, `ge`, `lt`, `le` (bounds); a value outside it is an error "<what> must be <range>
+    [unit] [(hint)], got <value>", with `what` defaulting to `name`.
+    """
+
+    name: str
+    type: type = float
+    default: Optional[Number] = None
+    gt: Optional[float] = None
+    ge: Optional[float] = None
+    lt: Optional[float] = None
+    le: Optional[float] = None
+    unit: str = ""
+    what: str = ""
+    hint: str = ""
+    field: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+    @property
+    def attr(self) -> str:
+        """The dataclass attribute this parameter fills."""
+        return self.field or self.name.lower()
+
+    def admits(self, value: Number) -> bool:
+        """Whether `value` lies in the declared range."""
+        return not (
+            (self.gt is not None and not value > self.gt)
+            or (self.ge is not None and not value >= self.ge)
+            or (self.lt is not None and not value < self.lt)
+            or (self.le is not None and not value <= self.le)
+        )
+
+    def _bounds(self) -> tuple[Optional[tuple[str, float]], Optional[tuple[str, float]]]:
+        """(lower, upper) as (operator, bound), e.g. ('>', 0) and ('<=', 1); None where unbounded."""
+        low = (">", self.gt) if self.gt is not None else (">=", self.ge) if self.ge is not None else None
+        high = ("<", self.lt) if self.lt is not None else ("<=", self.le) if self.le is not None else None
+        return low, high
+
+    def range_text(self) -> str:
+        """The range as errors say it: '> 0', '>= 0', 'in (0, 1]' ('' when unbounded)."""
+        low, high = self._bounds()
+        if low and high:
+            return f"in {'(' if low[0] == '>' else '['}{low[1]:g}, {high[1]:g}{')' if high[0] == '<' else ']'}"
+        bound = low or high
+        return f"{bound[0]} {bound[1]:g}" if bound else ""
+
+    def rule(self) -> str:
+        """The rule as VALID_FORMS writes it: 'T>0', 'H>=0 nats default 0.5', 'integer M>=2 default 4'."""
+        low, high = self._bounds()
+        if low and high:  # 0<P<=1
+            text = f"{low[1]:g}{low[0].replace('>', '<')}{self.name}{high[0]}{high[1]:g}"
+        elif low or high:
+            op, bound = low or high
+            text = f"{self.name}{op}{bound:g}"
+        else:
+            text = self.name
+        if self.type is int:
+            text = f"integer {text}"
+        if self.unit:
+            text = f"{text} {self.unit}"
+        if not self.required:
+            text = f"{text} default {self.format(self.default)}"
+        return text
+
+    def format(self, value: Number) -> str:
+        """The canonical text of a value: ints as integers, floats by `_fmt` (1.0 -> '1')."""
+        return str(int(value)) if self.type is int else _fmt(value)
+
+    def convert(self, spec: str, text: str) -> Number:
+        """The number written as `text` in `spec` (float: finite; int: an integer literal)."""
+        if self.type is int:
+            try:
+                return int(text)
+            except ValueError:
+                raise _bad(spec, f"{self.name} must be an integer, got {text!r}") from None
+        try:
+            value = float(text)
+        except ValueError:
+            raise _bad(spec, f"{self.name} must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise _bad(spec, f"{self.name} must be finite, got {text!r}")
+        return value
+
+    def check(self, spec: str, value: Number) -> None:
+        """Raise the declared range's error if `value` is outside it."""
+        if not self.admits(value):
+            unit = f" {self.unit}" if self.unit else ""
+            hint = f" ({self.hint})" if self.hint else ""
+            shown = f"{value}" if self.type is int else f"{value:g}"
+            raise _bad(spec, f"{self.what or self.name} must be {self.range_text()}{unit}{hint}, got {shown}")
 
 
 def sample_from_probs(
@@ -115,9 +240,23 @@ def _sorted_desc(probs: Float[Tensor, "batch vocab"]) -> tuple[Tensor, Tensor]:
 
 
 class Strategy:
-    """Base class: subclasses define `probs` (or override `__call__`) and `__str__`."""
+    """Base class: subclasses are frozen dataclasses that define `probs` (or override `__call__`)
+    and register with `@register_strategy`, declaring the class attributes below.
 
-    name: str = ""
+    `str(strategy)` is generated from the declarations: the name, then every parameter (defaults
+    included) in declared order, so the canonical spec does not depend on how it was written.
+    """
+
+    name: ClassVar[str] = ""
+    """Spec name, lower case: what comes before the colon."""
+    params: ClassVar[tuple[Param, ...]] = ()
+    """The spec's parameters in the order they are written; they match the dataclass fields."""
+    description: ClassVar[str] = ""
+    """One line saying what the strategy does."""
+    example: ClassVar[str] = ""
+    """A valid spec, for documentation and the registry's round-trip test."""
+    needs_reference: ClassVar[bool] = False
+    """True if sampling needs the reference model's logits as well as the model's own."""
 
     def probs(self, logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch vocab"]:
         raise NotImplementedError
@@ -130,15 +269,124 @@ class Strategy:
     ) -> Int[Tensor, " batch"]:
         return sample_from_probs(self.probs(logits), generator, state.uniforms)
 
+    def __str__(self) -> str:
+        if not self.params:
+            return self.name
+        return f"{self.name}:" + ",".join(p.format(getattr(self, p.attr)) for p in self.params)
+
     def __repr__(self) -> str:
         return f"parse_strategy({str(self)!r})"
 
+    @classmethod
+    def signature(cls) -> str:
+        """The parameters as a spec writes them: 'T_hi,H[,T_base]', 'H[,M[,P]]', '' for none."""
+        optional = ""
+        for p in reversed([p for p in cls.params if not p.required]):
+            optional = f"[,{p.name}{optional}]"
+        required = ",".join(p.name for p in cls.params if p.required)
+        return required + optional if required else optional[2:-1]
 
+    @classmethod
+    def form(cls) -> str:
+        """The spec form with its rules, as VALID_FORMS lists it: 'fork_temp:T_hi,H[,T_base] (...)'."""
+        if not cls.params:
+            return cls.name
+        head = f"{cls.name}:{cls.signature()}" if any(p.required for p in cls.params) else f"{cls.name}[:{cls.signature()}]"
+        rules = [p.rule() for p in cls.params] + (["needs a reference model"] if cls.needs_reference else [])
+        return f"{head} ({', '.join(rules)})"
+
+    @classmethod
+    def from_params(cls, spec: str, rest: Optional[str]) -> "Strategy":
+        """The strategy from the text after the colon (None: no colon), checked against `params`."""
+        parts = [] if rest is None else [x.strip() for x in rest.split(",")]
+        required = sum(p.required for p in cls.params)
+        if len(parts) < required or len(parts) > len(cls.params) or any(x == "" for x in parts):
+            raise _bad(spec, f"expected parameters {cls.signature() or '(none)'}")
+        given = [(p, p.convert(spec, x)) for p, x in zip(cls.params, parts)]  # every number, then every range
+        for p, value in given:
+            p.check(spec, value)
+        values = {p.attr: value for p, value in given}
+        values.update({p.attr: p.default for p in cls.params[len(parts):]})
+        return cls(**values)
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def _refresh_forms() -> None:
+    global VALID_FORMS
+    VALID_FORMS = ", ".join(cls.form() for cls in _REGISTRY.values())
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator (above `@dataclass`): make `cls` parseable under `cls.name`.
+
+    Checks the declarations against the class (a programming error raises TypeError at import):
+    the parameters name the dataclass fields in order, required ones first, with the fields'
+    defaults and within their own ranges; description and example are given.
+    """
+    where = getattr(cls, "__name__", repr(cls))
+    if not (isinstance(cls, type) and issubclass(cls, Strategy) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"{where}: a strategy is a dataclass subclass of Strategy (put @register_strategy above @dataclass)")
+    name = cls.name
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise TypeError(f"{where}: strategy name {name!r} must be lower case letters, digits and _")
+    if _REGISTRY.get(name, cls) is not cls:
+        raise TypeError(f"{where}: strategy name {name!r} is already registered by {_REGISTRY[name].__name__}")
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    if [p.attr for p in cls.params] != [f.name for f in fields]:
+        raise TypeError(f"{where}: params {[p.attr for p in cls.params]} must match the dataclass fields {[f.name for f in fields]}")
+    seen_optional = False
+    for p, f in zip(cls.params, fields):
+        if p.type not in (float, int):
+            raise TypeError(f"{where}: parameter {p.name} must be float or int, not {p.type!r}")
+        if (p.gt is not None and p.ge is not None) or (p.lt is not None and p.le is not None):
+            raise TypeError(f"{where}: parameter {p.name} has two lower or two upper bounds")
+        if p.required and seen_optional:
+            raise TypeError(f"{where}: required parameter {p.name} follows an optional one")
+        seen_optional |= not p.required
+        field_default = None if f.default is dataclasses.MISSING else f.default
+        if p.default != field_default:
+            raise TypeError(f"{where}: parameter {p.name} declares default {p.default!r}, the field has {field_default!r}")
+        if p.default is not None and not (isinstance(p.default, p.type) and p.admits(p.default)):
+            raise TypeError(f"{where}: default {p.default!r} of {p.name} is not a valid {p.type.__name__} {p.range_text()}")
+    if not isinstance(cls.description, str) or not cls.description.strip() or "\n" in cls.description:
+        raise TypeError(f"{where}: give a one-line description")
+    if not isinstance(cls.example, str) or not cls.example.strip():
+        raise TypeError(f"{where}: give an example spec")
+    if not isinstance(cls.needs_reference, bool):
+        raise TypeError(f"{where}: needs_reference must be True or False")
+    _REGISTRY[name] = cls
+    _refresh_forms()
+    return cls
+
+
+def unregister_strategy(name: str) -> None:
+    """Remove a registered strategy (for tests and notebooks that registered a throw-away one)."""
+    if _REGISTRY.pop(name, None) is None:
+        raise KeyError(f"no strategy named {name!r} is registered")
+    _refresh_forms()
+
+
+def strategy_names() -> list[str]:
+    """Registered spec names, in registration order."""
+    return list(_REGISTRY)
+
+
+def registered_strategies() -> dict[str, type[Strategy]]:
+    """Registered strategy classes by spec name, in registration order (a copy)."""
+    return dict(_REGISTRY)
+
+
+@register_strategy
 @dataclass(frozen=True, repr=False)
 class Greedy(Strategy):
     """Argmax (ties -> lowest token id); uses no randomness."""
 
     name = "greedy"
+    description = "argmax, ties to the lowest token id; no randomness"
+    example = "greedy"
 
     def probs(self, logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch vocab"]:
         ids = logits.argmax(dim=-1)
@@ -147,24 +395,23 @@ class Greedy(Strategy):
     def __call__(self, logits, state, generator):  # noqa: D102 - same contract as Strategy
         return logits.argmax(dim=-1)
 
-    def __str__(self) -> str:
-        return "greedy"
 
-
+@register_strategy
 @dataclass(frozen=True, repr=False)
 class Temperature(Strategy):
     """softmax(logits / T)."""
 
     t: float
     name = "temperature"
+    params = (Param("T", gt=0, hint="use 'greedy' for argmax"),)
+    description = "softmax(logits / T)"
+    example = "temperature:0.7"
 
     def probs(self, logits):
         return torch.softmax(logits.float() / self.t, dim=-1)
 
-    def __str__(self) -> str:
-        return f"temperature:{_fmt(self.t)}"
 
-
+@register_strategy
 @dataclass(frozen=True, repr=False)
 class TopP(Strategy):
     """Nucleus sampling at temperature 1: the smallest set of most-probable tokens whose mass
@@ -172,6 +419,9 @@ class TopP(Strategy):
 
     p: float
     name = "top_p"
+    params = (Param("P", gt=0, le=1),)
+    description = "nucleus: the fewest most-probable tokens with mass >= P, renormalised"
+    example = "top_p:0.9"
 
     def probs(self, logits):
         probs = torch.softmax(logits.float(), dim=-1)
@@ -184,16 +434,17 @@ class TopP(Strategy):
         kept = probs * keep
         return kept / kept.sum(dim=-1, keepdim=True)
 
-    def __str__(self) -> str:
-        return f"top_p:{_fmt(self.p)}"
 
-
+@register_strategy
 @dataclass(frozen=True, repr=False)
 class MinP(Strategy):
     """Min-p at temperature 1: keep tokens with prob >= P * max prob, renormalised."""
 
     p: float
     name = "min_p"
+    params = (Param("P", gt=0, le=1),)
+    description = "tokens with probability >= P times the largest, renormalised"
+    example = "min_p:0.1"
 
     def probs(self, logits):
         probs = torch.softmax(logits.float(), dim=-1)
@@ -201,10 +452,8 @@ class MinP(Strategy):
         kept = torch.where(probs >= threshold, probs, 0.0)
         return kept / kept.sum(dim=-1, keepdim=True)
 
-    def __str__(self) -> str:
-        return f"min_p:{_fmt(self.p)}"
 
-
+@register_strategy
 @dataclass(frozen=True, repr=False)
 class ForkTemperature(Strategy):
     """Temperature T_hi on rows whose entropy (nats, at temperature 1) is >= H, else T_base.
@@ -217,6 +466,13 @@ class ForkTemperature(Strategy):
     h: float
     t_base: float = 1.0
     name = "fork_temp"
+    params = (
+        Param("T_hi", gt=0),
+        Param("H", ge=0, unit="nats", what="entropy threshold H"),
+        Param("T_base", default=1.0, gt=0),
+    )
+    description = "temperature T_hi where next-token entropy >= H nats, T_base elsewhere"
+    example = "fork_temp:2,0.5"
 
     def temperatures(self, logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:
         """The temperature each row is sampled at."""
@@ -227,10 +483,8 @@ class ForkTemperature(Strategy):
         t = self.temperatures(logits).unsqueeze(-1)
         return torch.softmax(logits.float() / t, dim=-1)
 
-    def __str__(self) -> str:
-        return f"fork_temp:{_fmt(self.t_hi)},{_fmt(self.h)},{_fmt(self.t_base)}"
 
-
+@register_strategy
 @dataclass(frozen=True, repr=False)
 class ForkStratified(Strategy):
     """Branch-stratified sampling: spread a problem's n samples over the top branches.
@@ -247,6 +501,13 @@ class ForkStratified(Strategy):
     m: int = 4
     p: float = 0.9
     name = "fork_stratified"
+    params = (
+        Param("H", default=0.5, ge=0, unit="nats", what="entropy threshold H"),
+        Param("M", type=int, default=4, ge=2, what="M (most branches)"),
+        Param("P", default=0.9, gt=0, le=1),
+    )
+    description = "sample j takes the (j mod b)-th of the top b <= M branches (mass P) at its first entropy >= H"
+    example = "fork_stratified:0.3"
 
     def probs(self, logits):
         return torch.softmax(logits.float(), dim=-1)
@@ -273,85 +534,24 @@ class ForkStratified(Strategy):
             state.forked = state.forked | at_fork
         return ids
 
-    def __str__(self) -> str:
-        return f"fork_stratified:{_fmt(self.h)},{self.m},{_fmt(self.p)}"
-
 
 def _bad(spec: str, why: str) -> UsageError:
     return UsageError(f"bad decoding strategy {spec!r}: {why}; valid forms: {VALID_FORMS}")
 
 
-def _number(spec: str, text: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise _bad(spec, f"{what} must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise _bad(spec, f"{what} must be finite, got {text!r}")
-    return value
-
-
-def _params(spec: str, rest: str | None, names: list[str], required: int) -> list[str]:
-    parts = [] if rest is None else [x.strip() for x in rest.split(",")]
-    if len(parts) < required or len(parts) > len(names) or any(x == "" for x in parts):
-        want = ",".join(names[:required]) + "".join(f"[,{x}]" for x in names[required:])
-        raise _bad(spec, f"expected parameters {want or '(none)'}")
-    return parts
-
-
 def parse_strategy(spec: str | Strategy) -> Strategy:
-    """Strategy from its spec string (see VALID_FORMS); a Strategy passes through unchanged."""
+    """Strategy from its spec string (see VALID_FORMS); a Strategy passes through unchanged.
+
+    The name before the colon (any case, whitespace ignored) picks a registered class; the
+    comma-separated parameters after it are checked against the class's `params`.
+    """
     if isinstance(spec, Strategy):
         return spec
     if not isinstance(spec, str):
         raise UsageError(f"decoding strategy must be a string, got {type(spec).__name__}; valid forms: {VALID_FORMS}")
-    text = spec.strip()
-    name, sep, rest = text.partition(":")
+    name, sep, rest = spec.strip().partition(":")
     name = name.strip().lower()
-    args = rest if sep else None
-
-    if name == "greedy":
-        _params(spec, args, [], 0)
-        return Greedy()
-    if name == "temperature":
-        (t,) = (_number(spec, x, "T") for x in _params(spec, args, ["T"], 1))
-        if t <= 0:
-            raise _bad(spec, f"T must be > 0 (use 'greedy' for argmax), got {t:g}")
-        return Temperature(t)
-    if name in ("top_p", "min_p"):
-        (p,) = (_number(spec, x, "P") for x in _params(spec, args, ["P"], 1))
-        if not 0 < p <= 1:
-            raise _bad(spec, f"P must be in (0, 1], got {p:g}")
-        return TopP(p) if name == "top_p" else MinP(p)
-    if name == "fork_temp":
-        parts = _params(spec, args, ["T_hi", "H", "T_base"], 2)
-        t_hi = _number(spec, parts[0], "T_hi")
-        h = _number(spec, parts[1], "H")
-        t_base = _number(spec, parts[2], "T_base") if len(parts) > 2 else 1.0
-        if t_hi <= 0 or t_base <= 0:
-            raise _bad(spec, "temperatures T_hi and T_base must be > 0")
-        if h < 0:
-            raise _bad(spec, f"entropy threshold H must be >= 0 nats, got {h:g}")
-        return ForkTemperature(t_hi, h, t_base)
-    if name == "fork_stratified":
-        default = ForkStratified()
-        if args is None:
-            return default
-        parts = _params(spec, args, ["H", "M", "P"], 1)
-        h = _number(spec, parts[0], "H")
-        m, p = default.m, default.p
-        if len(parts) > 1:
-            try:
-                m = int(parts[1])
-            except ValueError:
-                raise _bad(spec, f"M must be an integer, got {parts[1]!r}") from None
-        if len(parts) > 2:
-            p = _number(spec, parts[2], "P")
-        if h < 0:
-            raise _bad(spec, f"entropy threshold H must be >= 0 nats, got {h:g}")
-        if m < 2:
-            raise _bad(spec, f"M (most branches) must be >= 2, got {m}")
-        if not 0 < p <= 1:
-            raise _bad(spec, f"P must be in (0, 1], got {p:g}")
-        return ForkStratified(h, m, p)
-    raise _bad(spec, f"unknown strategy name {name!r}")
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise _bad(spec, f"unknown strategy name {name!r}")
+    return cls.from_params(spec, rest if sep else None)

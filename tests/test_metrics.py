@@ -8,6 +8,9 @@ import scipy.special
 import scipy.stats
 import torch
 
+import analysis.metrics
+import hooks.distributions
+import hooks.strategies
 from analysis.metrics import (
     branch_mass,
     entropy,
@@ -49,6 +52,40 @@ def test_entropy_limits_and_stability():
     masked = torch.tensor([0.0, 0.0, float("-inf")])
     assert entropy(masked).item() == pytest.approx(np.log(2), rel=1e-6)
     assert entropy(torch.zeros(4, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_one_entropy_everywhere():
+    assert entropy is hooks.distributions.entropy
+    assert hooks.strategies.entropy is hooks.distributions.entropy
+    assert "entropy" in analysis.metrics.__all__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_distributions_entropy_matches_scipy_on_random_logits(dtype):
+    logits = _logits(6, 4, 50, seed=7).to(dtype)
+    got = hooks.distributions.entropy(logits)
+    want = scipy.stats.entropy(scipy.special.softmax(logits.double().numpy(), axis=-1), axis=-1)
+    assert got.shape == (6, 4) and got.dtype == dtype
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-10 if dtype == torch.float64 else 1e-5, atol=1e-6)
+
+
+def test_entropy_of_a_one_hot_row_with_minus_inf_elsewhere_is_zero():
+    row = torch.full((2, 9), float("-inf"))
+    row[0, 3] = 0.0
+    row[1, 0] = 12.5
+    got = entropy(row)
+    assert torch.equal(got, torch.zeros(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_entropy_of_half_precision_logits_is_finite_float32(dtype):
+    logits = _logits(5, 200, seed=8, scale=8.0)
+    logits[0, 100:] = float("-inf")  # masked tokens, as top-p and min-p leave them
+    half = logits.to(dtype)
+    got = entropy(half)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    want = scipy.stats.entropy(scipy.special.softmax(half.double().numpy(), axis=-1), axis=-1)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_kl_matches_scipy_and_broadcasts():

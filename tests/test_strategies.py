@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -10,17 +11,25 @@ import torch
 from scipy import stats
 
 from hooks.sampler import sample
+import hooks.strategies as strategies
 from hooks.strategies import (
+    VALID_FORMS,
     ForkStratified,
     ForkTemperature,
     Greedy,
     MinP,
+    Param,
     RowState,
+    Strategy,
     Temperature,
     TopP,
     entropy,
     parse_strategy,
+    register_strategy,
+    registered_strategies,
     sample_from_probs,
+    strategy_names,
+    unregister_strategy,
 )
 from training.errors import UsageError
 
@@ -79,6 +88,172 @@ def test_bad_specs_raise_usage_error_naming_valid_forms(spec):
 def test_non_string_spec_raises():
     with pytest.raises(UsageError, match="valid forms"):
         parse_strategy(0.7)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "spec, canonical",
+    [
+        ("temperature:1.0", "temperature:1"),
+        ("fork_stratified:0.3", "fork_stratified:0.3,4,0.9"),
+        ("fork_temp:2,0.3", "fork_temp:2,0.3,1"),
+        ("fork_stratified", "fork_stratified:0.5,4,0.9"),
+        ("  GREEDY ", "greedy"),
+        ("Top_P: 1.0", "top_p:1"),
+        ("min_p:1e-3", "min_p:0.001"),
+        ("fork_stratified:0,2,1", "fork_stratified:0,2,1"),
+    ],
+)
+def test_canonical_strings_are_unchanged(spec, canonical):
+    assert str(parse_strategy(spec)) == canonical
+
+
+@pytest.mark.parametrize(
+    "spec, phrase",
+    [
+        ("temperature:0", "T must be > 0 (use 'greedy' for argmax)"),
+        ("nucleus:0.9", "unknown strategy name 'nucleus'"),
+        ("top_p:1.5", "P must be in (0, 1]"),
+        ("fork_temp:2,-1", "entropy threshold H must be >= 0 nats"),
+        ("fork_temp:0,0.5", "T_hi must be > 0"),
+        ("fork_temp:2,0.5,0", "T_base must be > 0"),
+        ("fork_stratified:0.5,1", "M (most branches) must be >= 2"),
+        ("fork_stratified:0.5,2.5", "M must be an integer"),
+        ("temperature:abc", "T must be a number"),
+        ("temperature:inf", "T must be finite"),
+        ("temperature", "expected parameters T"),
+        ("greedy:1", "expected parameters (none)"),
+        ("fork_stratified:", "expected parameters H[,M[,P]]"),
+    ],
+)
+def test_error_messages_keep_their_phrases(spec, phrase):
+    with pytest.raises(UsageError) as info:
+        parse_strategy(spec)
+    message = str(info.value)
+    assert phrase in message and "valid forms" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- registry
+SIX = ["greedy", "temperature", "top_p", "min_p", "fork_temp", "fork_stratified"]
+
+
+def test_registry_lists_exactly_the_six_strategies():
+    assert strategy_names() == SIX
+    classes = registered_strategies()
+    assert list(classes) == SIX
+    assert [c.__name__ for c in classes.values()] == ["Greedy", "Temperature", "TopP", "MinP", "ForkTemperature", "ForkStratified"]
+    assert not any(c.needs_reference for c in classes.values())
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_every_registered_strategy_round_trips_its_example(name):
+    cls = registered_strategies()[name]
+    assert cls.description and "\n" not in cls.description
+    strategy = parse_strategy(cls.example)
+    assert type(strategy) is cls and strategy.name == name
+    assert parse_strategy(str(strategy)) == strategy
+    assert str(parse_strategy(str(strategy))) == str(strategy)
+
+
+def test_valid_forms_is_generated_from_the_registry():
+    forms = strategies.VALID_FORMS
+    assert forms == VALID_FORMS  # the imported copy: all built-in strategies were registered by then
+    assert forms == ", ".join(cls.form() for cls in registered_strategies().values())
+    for name in strategy_names():
+        assert name in forms
+    assert "fork_stratified[:H[,M[,P]]]" in forms and "fork_temp:T_hi,H[,T_base]" in forms
+    assert "temperature:T (T>0)" in forms and "integer M>=2 default 4" in forms
+
+
+@dataclass(frozen=True, repr=False)
+class _Mix(Strategy):
+    """A throw-away strategy shaped like the planned reference-guided ones (never registered for good)."""
+
+    lam: float
+    tau: float = 0.5
+    name = "test_mix"
+    params = (Param("L", field="lam", ge=0, le=1, what="mixture weight L"), Param("tau", default=0.5, ge=0, unit="nats"))
+    description = "test only: a mixture weight in [0, 1] and a threshold in nats"
+    example = "test_mix:0.25"
+    needs_reference = True
+
+    def probs(self, logits):
+        return torch.softmax(logits.float(), dim=-1)
+
+
+@pytest.fixture
+def mix():
+    register_strategy(_Mix)
+    try:
+        yield _Mix
+    finally:
+        unregister_strategy("test_mix")
+
+
+def test_registering_a_strategy_makes_it_parseable_and_listed(mix):
+    assert strategy_names() == SIX + ["test_mix"]
+    assert parse_strategy(" TEST_MIX:0.25 ") == _Mix(0.25, 0.5)
+    assert str(parse_strategy("test_mix:1,0")) == "test_mix:1,0"
+    assert parse_strategy(str(parse_strategy(mix.example))) == parse_strategy(mix.example)
+    form = "test_mix:L[,tau] (0<=L<=1, tau>=0 nats default 0.5, needs a reference model)"
+    assert form in strategies.VALID_FORMS
+    with pytest.raises(UsageError) as info:
+        parse_strategy("nucleus:0.9")
+    assert "unknown strategy name" in str(info.value) and form in str(info.value)
+    with pytest.raises(UsageError, match=r"mixture weight L must be in \[0, 1\], got 1\.5"):
+        parse_strategy("test_mix:1.5")
+    with pytest.raises(UsageError, match="tau must be >= 0 nats, got -1"):
+        parse_strategy("test_mix:0.5,-1")
+
+
+def test_unregistering_removes_it_again(mix):
+    unregister_strategy("test_mix")
+    try:
+        assert strategy_names() == SIX and "test_mix" not in strategies.VALID_FORMS
+        with pytest.raises(UsageError, match="unknown strategy name 'test_mix'"):
+            parse_strategy("test_mix:0.25")
+    finally:
+        register_strategy(_Mix)  # the fixture removes it
+
+
+def test_registration_checks_the_declarations():
+    with pytest.raises(TypeError, match="already registered"):
+
+        @register_strategy
+        @dataclass(frozen=True, repr=False)
+        class Again(Temperature):
+            pass
+
+    with pytest.raises(TypeError, match="must match the dataclass fields"):
+
+        @register_strategy
+        @dataclass(frozen=True, repr=False)
+        class Mismatch(Strategy):
+            t: float
+            name = "test_mismatch"
+            params = (Param("X"),)
+            description = "test only"
+            example = "test_mismatch:1"
+
+    with pytest.raises(TypeError, match="declares default"):
+
+        @register_strategy
+        @dataclass(frozen=True, repr=False)
+        class WrongDefault(Strategy):
+            t: float = 1.0
+            name = "test_wrong_default"
+            params = (Param("T", default=2.0),)
+            description = "test only"
+            example = "test_wrong_default"
+
+    with pytest.raises(TypeError, match="description"):
+
+        @register_strategy
+        @dataclass(frozen=True, repr=False)
+        class NoDescription(Strategy):
+            name = "test_no_description"
+            example = "test_no_description"
+
+    assert strategy_names() == SIX
 
 
 # ----------------------------------------------------------------------------- distributions
