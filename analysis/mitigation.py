@@ -14,7 +14,8 @@ import math
 
 import pandas as pd
 
-from analysis.figures import default_strategy, sweep_shrinkage
+from analysis.conventions import default_strategy
+from analysis.sweep_stats import sweep_shrinkage
 from training.errors import UsageError
 
 __all__ = ["won_back", "won_back_summary"]

@@ -9,31 +9,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from analysis.figures import (
-    FIGURES,
-    _checkpoint_info,
-    _kind_rows,
-    _pick_kind,
-    _require_columns,
-    base_checkpoint,
-    checkpoint_order,
+from analysis.conventions import (
+    base_of,
+    checkpoint_info,
     default_strategy,
+    final_checkpoint,
     is_sweep_table,
+    kind_rows,
     pick_k,
-    sweep_shrinkage,
-    sweep_spearman,
-    sweep_summary,
+    pick_kind,
+    require_columns,
 )
+from analysis.figures import registry
 from analysis.mitigation import won_back, won_back_summary
+from analysis.sweep_stats import sweep_shrinkage, sweep_spearman, sweep_summary
 from analysis.table import KINDS
 from training.errors import UsageError
+from training.io import atomic_write
 
 __all__ = ["COLLAPSE_FRACTION", "key_numbers", "write_report"]
 
@@ -44,17 +42,6 @@ checkpoint) reaches this fraction of the last layer's rise."""
 COLLAPSE_MIN_RISE = 0.02
 """Below this rise of the last layer's top-branch share there is no collapse to locate."""
 
-_CAPTIONS = {
-    "coverage_curves": "pass@k against k for every checkpoint (base in black; bands: 95% bootstrap intervals over problems).",
-    "dynamics": "pass@1 and pass@16, entropy at forks per kind (nats; dashed: ordinary positions) and top-branch share per kind, over SFT steps.",
-    "lens_mass_top_branch": "Logit lens: top-branch share per layer (y) and checkpoint (x) at indecipherable forks.",
-    "lens_mass_valid": "Logit lens: mass on the valid branches per layer and checkpoint.",
-    "probes": "Linear probes per layer and checkpoint: accuracy (top) and selectivity = accuracy minus control-task accuracy (bottom), for the taken and the valid branch.",
-    "entropy_vs_coverage": "Entropy at forks against the coverage gap pass@16 − pass@1, one point per checkpoint; Pearson r and Spearman ρ in the legend.",
-    "shrinkage_vs_prevalence": "Coverage shrinkage (base − final SFT pass@16, top) and pass@1 gain (bottom) against fork prevalence; mean ± s.d. over seeds.",
-    "sweep_coverage": "pass@k curves of the base, the final SFT model per data policy, and canonical SFT with the diversity decoding strategy.",
-}
-
 
 # --------------------------------------------------------------------------- numbers
 
@@ -63,7 +50,7 @@ def _one(df: pd.DataFrame, checkpoint: str, metric: str, **match: Any) -> dict[s
     """The single row of `metric` for `checkpoint` matching `match` (kind 'all' also matches ''), or None."""
     sub = df[(df["checkpoint"] == checkpoint) & (df["metric"] == metric)]
     if "kind" in match:
-        sub = _kind_rows(sub, match.pop("kind"))
+        sub = kind_rows(sub, match.pop("kind"))
     for col, val in match.items():
         sub = sub[sub[col] == val]
     if sub.empty:
@@ -84,7 +71,7 @@ def _collapse_layer(df: pd.DataFrame, base: str, final: str) -> dict[str, Any] |
     share among those crumbs can be high in the base model already (0.76 at layer 0 in the default
     run), which says nothing about the fine-tuning.
     """
-    kind = _pick_kind(df, "lens_mass_top_branch", ["indecipherable", "all", ""])
+    kind = pick_kind(df, "lens_mass_top_branch", ["indecipherable", "all", ""])
     if kind is None or base == final:
         return None
     sub = df[(df["metric"] == "lens_mass_top_branch") & (df["kind"] == kind) & df["layer"].notna()]
@@ -108,7 +95,7 @@ def _collapse_layer(df: pd.DataFrame, base: str, final: str) -> dict[str, Any] |
 
 
 def _best_layer(df: pd.DataFrame, checkpoint: str, metric: str) -> dict[str, Any] | None:
-    kind = _pick_kind(df, metric, ["all", ""])
+    kind = pick_kind(df, metric, ["all", ""])
     if kind is None:
         return None
     sub = df[(df["metric"] == metric) & (df["checkpoint"] == checkpoint) & (df["kind"] == kind) & df["layer"].notna()]
@@ -122,12 +109,13 @@ def _best_layer(df: pd.DataFrame, checkpoint: str, metric: str) -> dict[str, Any
 def key_numbers(df: pd.DataFrame) -> dict[str, Any]:
     """The numbers the report states, read from the table; None wherever the table lacks them.
 
-    Per-run tables: base and final checkpoints, pass@1 and pass@K (K = 16 or the largest k) with
+    Per-run tables: base and final checkpoints (and why the base is the base, ``base_reason``:
+    :func:`training.phases.base_position`'s reason), pass@1 and pass@K (K = 16 or the largest k) with
     intervals under the default strategy, entropy_fork per kind, entropy_other, mass_top_branch at
     indecipherable forks, the collapse layer (final checkpoint) and the best probe-selectivity layer
     (base and final). Sweep tables: shrinkage per cell (mean over seeds) and Spearman rho.
     """
-    _require_columns(df)
+    require_columns(df)
     out: dict[str, Any] = {"sweep": is_sweep_table(df), "n_rows": int(len(df))}
     if out["sweep"]:
         try:
@@ -145,10 +133,12 @@ def key_numbers(df: pd.DataFrame) -> dict[str, Any]:
             out.update(won_back=None, won_back_note=str(exc))
         return out
 
-    info = _checkpoint_info(df)
-    base, final = base_checkpoint(df), checkpoint_order(df)[-1]
+    info = checkpoint_info(df)
+    base, base_reason = base_of(info)
+    final = final_checkpoint(df)
     out.update(
         base=base,
+        base_reason=base_reason,
         final=final,
         checkpoints=[{"checkpoint": c, "phase": str(info.loc[c, "phase"]), "step": int(info.loc[c, "step"])} for c in info.index],
     )
@@ -157,7 +147,7 @@ def key_numbers(df: pd.DataFrame) -> dict[str, Any]:
     out["pass@k"] = {}
     out["k"] = None
     if strategy is not None:
-        ks = _kind_rows(df[(df["metric"] == "pass@k") & (df["strategy"] == strategy)], "all")["k"].dropna()
+        ks = kind_rows(df[(df["metric"] == "pass@k") & (df["strategy"] == strategy)], "all")["k"].dropna()
         if len(ks):
             kk = pick_k(ks)
             out["k"] = kk
@@ -167,7 +157,7 @@ def key_numbers(df: pd.DataFrame) -> dict[str, Any]:
         kind: _pair(df, base, final, "entropy_fork", kind=kind) for kind in list(KINDS) + ["all"] if ((df["metric"] == "entropy_fork") & (df["kind"] == kind)).any()
     }
     out["entropy_other"] = _pair(df, base, final, "entropy_other", kind="all") if (df["metric"] == "entropy_other").any() else None
-    ind = _pick_kind(df, "mass_top_branch", ["indecipherable"])
+    ind = pick_kind(df, "mass_top_branch", ["indecipherable"])
     out["mass_top_branch"] = {"kind": ind, **_pair(df, base, final, "mass_top_branch", kind=ind)} if ind is not None else None
     out["collapse_layer"] = _collapse_layer(df, base, final)
     out["probe_selectivity"] = {
@@ -204,8 +194,13 @@ def _layer_cell(best: dict[str, Any] | None) -> str:
 
 def _run_section(kn: dict[str, Any]) -> list[str]:
     base, final = kn["base"], kn["final"]
+    if kn.get("base_reason") == "earliest":  # say so rather than call it the model before SFT
+        why = ("no model before SFT (SFT step 0, a `base` or `pretrain` checkpoint) is in the table, "
+               "so the earliest measured checkpoint stands in")
+    else:
+        why = "the model before SFT"
     lines = [
-        f"Base: `{base}` (the model before SFT). Final: `{final}`. "
+        f"Base: `{base}` ({why}). Final: `{final}`. "
         f"{len(kn['checkpoints'])} checkpoint(s); pass@k under `{kn['strategy'] or 'n/a'}`.",
         "",
     ]
@@ -326,14 +321,16 @@ def _figure_section(out_dir: Path, figure_files: Sequence[Path], skipped: Sequen
     for f in figure_files:
         f = Path(f)
         by_stem.setdefault(f.stem, {})[f.suffix.lstrip(".").lower()] = f
-    order = [s for s in FIGURES if s in by_stem] + sorted(s for s in by_stem if s not in FIGURES)
+    stems = registry.stems()  # draw order
+    order = [s for s in stems if s in by_stem] + sorted(s for s in by_stem if s not in stems)
     lines: list[str] = []
     for stem in order:
         files = by_stem[stem]
         lines.append(f"### {stem}")
         lines.append("")
-        if stem in _CAPTIONS:
-            lines += [_CAPTIONS[stem], ""]
+        caption = registry.caption(stem)
+        if caption is not None:
+            lines += [caption, ""]
         shown = files.get("png") or files.get("svg")
         if shown is not None:
             lines += [f"![{stem}]({_rel(shown, out_dir)})", ""]
@@ -401,12 +398,4 @@ def write_report(
     lines += ["## Figures", ""] + _figure_section(out, figure_files, skipped)
     lines += ["## Run", ""] + _manifest_section(manifest if isinstance(manifest, dict) else None)
     text = "\n".join(lines).rstrip() + "\n"
-    path = out / "report.md"
-    tmp = out / f".report.md.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(out / "report.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -183,3 +183,24 @@ def expected_shrinkage(df: pd.DataFrame, task: str, policy: str, strategy: str, 
             fk = float(last[last["k"] == k]["value"].iloc[0])
             out.setdefault(float(prev), []).append((bk - fk, f1 - b1))
     return out
+
+
+def series_table(
+    checkpoints: list[tuple[str, str, int]],
+    pass1: list[float],
+    pass16: list[float],
+    entropy: list[float] | None = None,
+    *,
+    sweep: dict | None = None,
+) -> pd.DataFrame:
+    """A small hand-made run table: per (name, phase, step) its pass@1, pass@16 (95% CI +-0.02) and,
+    when given, entropy at indecipherable forks; `sweep` adds the sweep columns to every row."""
+    rows = []
+    extra = dict(sweep or {})
+    for i, (name, phase, step) in enumerate(checkpoints):
+        for k, v in ((1, pass1[i]), (16, pass16[i])):
+            rows.append(row(name, phase, step, "pass@k", v, kind="all", k=k, strategy=DEFAULT_STRATEGY,
+                            ci_low=v - 0.02, ci_high=v + 0.02, n=100, **extra))
+        if entropy is not None:
+            rows.append(row(name, phase, step, "entropy_fork", entropy[i], kind="indecipherable", n=50, **extra))
+    return to_frame(rows)

@@ -1,0 +1,213 @@
+"""Per-run heatmaps, layer x checkpoint: the logit lens and the linear probes."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.colors import Normalize, to_rgb
+from matplotlib.figure import Figure
+
+from analysis.conventions import checkpoint_label, checkpoint_order, kind_rows, pick_kind, require_columns, select_rows
+from analysis.figures.registry import figure
+from analysis.figures.style import COL_W, PAGE_W, kind_label, new_figure, paper_style
+from training.errors import UsageError
+
+__all__ = ["lens_heatmap", "probe_heatmap"]
+
+
+def _heatmap(ax, mat: np.ndarray, *, xlabels, ylabels, cmap, norm, annotate: bool, fontsize: float):
+    """Cells as a QuadMesh (one per layer x checkpoint), optionally with the value written in."""
+    nrow, ncol = mat.shape
+    mesh = ax.pcolormesh(
+        np.arange(ncol + 1) - 0.5, np.arange(nrow + 1) - 0.5, np.ma.masked_invalid(mat), cmap=cmap, norm=norm, shading="flat"
+    )
+    ax.set_xticks(range(ncol))
+    rotate = ncol > 4 or max((len(s) for s in xlabels), default=0) > 6
+    ax.set_xticklabels(xlabels, rotation=45 if rotate else 0, ha="right" if rotate else "center", rotation_mode="anchor")
+    ax.set_yticks(range(nrow))
+    ax.set_yticklabels(ylabels)
+    ax.set_xlim(-0.5, ncol - 0.5)
+    ax.set_ylim(-0.5, nrow - 0.5)
+    for side in ("top", "right", "bottom", "left"):
+        ax.spines[side].set_visible(False)
+    ax.tick_params(length=0)
+    if annotate:
+        cm = matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap
+        for i in range(nrow):
+            for j in range(ncol):
+                v = mat[i, j]
+                if np.isfinite(v):
+                    r, g, b = to_rgb(cm(norm(v)))
+                    dark = 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fontsize, color="white" if dark else "black")
+    return mesh
+
+
+def _layer_matrix(df: pd.DataFrame, sub: pd.DataFrame) -> tuple[np.ndarray, list[str], list[int]]:
+    """layer x checkpoint matrix of values (NaN where not measured), checkpoints in training order."""
+    sub = sub[sub["layer"].notna()]
+    order = [c for c in checkpoint_order(df) if c in set(sub["checkpoint"])]
+    layers = sorted({int(x) for x in sub["layer"]})
+    piv = sub.assign(layer=sub["layer"].astype(int)).pivot(index="layer", columns="checkpoint", values="value")
+    piv = piv.reindex(index=layers, columns=order)
+    return piv.to_numpy(float), order, layers
+
+
+def _heatmap_size(ncol: int, nrow: int, *, panels: int = 1) -> tuple[float, float, bool, float]:
+    """(width, height, annotate?, font size) for `panels` heatmaps side by side, at most a page wide.
+
+    Cells are annotated only while a cell stays wide and tall enough to hold "0.00".
+    """
+    fixed = 1.3  # y labels, colorbar, margins
+    width = min(max(COL_W if panels == 1 else PAGE_W, fixed + 0.42 * ncol * panels), PAGE_W)
+    cell_w = (width - fixed) / (ncol * panels)
+    height = 1.2 + 0.24 * max(nrow, 3)
+    annotate = cell_w >= 0.2 and nrow <= 32
+    fontsize = 6.0 if cell_w >= 0.32 else 5.0
+    return width, height, annotate, fontsize
+
+
+_LENS_LABELS = {
+    "lens_mass_top_branch": ("top-branch share\n(probability)", (0.0, 1.0), "viridis"),
+    "lens_mass_valid": ("valid-branch mass\n(probability)", (0.0, 1.0), "viridis"),
+    "lens_kl_final": ("KL(final ‖ layer)\n(nats)", None, "magma_r"),
+}
+
+
+def _lens_args(metric: str) -> Callable[[pd.DataFrame], dict[str, str]]:
+    """make_figures' arguments for one lens stem: that metric at indecipherable forks (else any kind it has)."""
+
+    def kwargs(df: pd.DataFrame) -> dict[str, str]:
+        kind = pick_kind(df, metric, ["indecipherable", "all", ""])
+        if kind is None:
+            raise UsageError(f"the table has no {metric} rows (run with the logit lens on)")
+        return {"metric": metric, "kind": kind}
+
+    return kwargs
+
+
+@figure(
+    "lens_mass_top_branch",
+    scope="run",
+    caption="Logit lens: top-branch share per layer (y) and checkpoint (x) at indecipherable forks.",
+    kwargs=_lens_args("lens_mass_top_branch"),
+)
+def lens_heatmap(df: pd.DataFrame, *, metric: str = "lens_mass_top_branch", kind: str = "indecipherable") -> Figure:
+    """Logit lens: a metric per layer (y; 0 = residual before block 0) and checkpoint (x), cells annotated."""
+    require_columns(df)
+    if metric not in _LENS_LABELS:
+        raise UsageError(f"lens_heatmap draws one of {', '.join(_LENS_LABELS)}, not {metric!r}")
+    sub = select_rows(df, metric, what=f"lens_heatmap({metric})", kind=kind)
+    mat, order, layers = _layer_matrix(df, sub)
+    if mat.size == 0:
+        raise UsageError(f"lens_heatmap needs {metric} rows with a layer; the table has none")
+    label, lims, cmap = _LENS_LABELS[metric]
+    vmin, vmax = lims if lims else (0.0, float(np.nanmax(mat)) if np.isfinite(mat).any() else 1.0)
+    norm = Normalize(vmin=vmin, vmax=max(vmax, vmin + 1e-12))
+    width, height, annotate, fs = _heatmap_size(len(order), len(layers))
+    with paper_style():
+        fig = new_figure(width, height)
+        ax = fig.add_subplot()
+        mesh = _heatmap(
+            ax,
+            mat,
+            xlabels=[checkpoint_label(df, c, short=True) for c in order],
+            ylabels=[str(l) for l in layers],
+            cmap=cmap,
+            norm=norm,
+            annotate=annotate,
+            fontsize=fs,
+        )
+        cb = fig.colorbar(mesh, ax=ax, shrink=0.9, pad=0.02)
+        cb.set_label(label)
+        cb.outline.set_visible(False)
+        ax.set_xlabel("checkpoint (SFT step)")
+        ax.set_ylabel("layer (0 = before block 0)")
+        ax.set_title(f"Logit lens, {kind_label(kind)} forks")
+    return fig
+
+
+# The same function draws a second saved figure.
+figure(
+    "lens_mass_valid",
+    scope="run",
+    caption="Logit lens: mass on the valid branches per layer and checkpoint.",
+    kwargs=_lens_args("lens_mass_valid"),
+)(lens_heatmap)
+
+
+_PROBE_PANELS = (
+    ("probe_acc_taken", "taken branch"),
+    ("probe_acc_valid", "valid branch"),
+    ("probe_selectivity_taken", "taken branch"),
+    ("probe_selectivity_valid", "valid branch"),
+)
+
+
+@figure(
+    "probes",
+    scope="run",
+    caption="Linear probes per layer and checkpoint: accuracy (top) and selectivity = accuracy minus control-task accuracy (bottom), for the taken and the valid branch.",
+)
+def probe_heatmap(df: pd.DataFrame, *, kind: str | None = None) -> Figure:
+    """Linear probes: accuracy (top row) and selectivity = accuracy - control accuracy (bottom row).
+
+    Each panel is layer x checkpoint; `kind` defaults to 'all' (else whatever kind the probes have).
+    A probe the table lacks leaves its panel with a note instead of cells.
+    """
+    require_columns(df)
+    present = [m for m, _ in _PROBE_PANELS if m in set(df["metric"])]
+    if not present:
+        raise UsageError("probe_heatmap needs probe_acc_* / probe_selectivity_* rows; the table has none (run with probes on)")
+    if kind is None:
+        kind = pick_kind(df, present[0], ["all", ""])
+    mats = {}
+    for metric in present:
+        sub = kind_rows(df[df["metric"] == metric], kind)
+        if sub.empty:
+            continue
+        select_rows(sub, metric, what="probe_heatmap")  # one run only
+        mats[metric] = _layer_matrix(df, sub)
+    if not mats:
+        raise UsageError(f"probe_heatmap needs probe rows of kind {kind!r}; the table has none")
+    ncol = max(len(o) for _, o, _ in mats.values())
+    nrow = max(len(l) for _, _, l in mats.values())
+    w, h, annotate, fs = _heatmap_size(ncol, nrow, panels=2)
+    sel_max = max([float(np.nanmax(np.abs(m))) for name, (m, _, _) in mats.items() if "selectivity" in name and np.isfinite(m).any()] or [0.5])
+    norms = {"acc": Normalize(0.0, 1.0), "sel": Normalize(-sel_max, sel_max)}
+    with paper_style():
+        fig = new_figure(w, 2 * h + 0.2)
+        axes = fig.subplots(2, 2, squeeze=False)
+        meshes = {}
+        for ax, (metric, title) in zip(axes.flat, _PROBE_PANELS):
+            row = "sel" if "selectivity" in metric else "acc"
+            ax.set_title(f"{'accuracy' if row == 'acc' else 'selectivity'}, {title}")
+            if metric not in mats:
+                ax.text(0.5, 0.5, f"{metric}\nnot in the table", ha="center", va="center", transform=ax.transAxes, color="0.4")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+            mat, order, layers = mats[metric]
+            meshes[row] = _heatmap(
+                ax,
+                mat,
+                xlabels=[checkpoint_label(df, c, short=True) for c in order],
+                ylabels=[str(l) for l in layers],
+                cmap="viridis" if row == "acc" else "RdBu_r",
+                norm=norms[row],
+                annotate=annotate,
+                fontsize=fs,
+            )
+            ax.set_xlabel("checkpoint (SFT step)")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("layer (0 = before block 0)")
+        for r, row in enumerate(("acc", "sel")):
+            if row in meshes:
+                cb = fig.colorbar(meshes[row], ax=list(axes[r]), shrink=0.9, pad=0.02)
+                cb.set_label("accuracy" if row == "acc" else "selectivity\n(acc. - control acc.)")
+                cb.outline.set_visible(False)
+        fig.suptitle(f"Linear probes at forks ({kind_label(kind)})", fontsize=8.5)
+    return fig
