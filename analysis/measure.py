@@ -17,10 +17,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from analysis.metrics import branch_mass, entropy, kl, mass_top_branch, mass_valid, renormalised
+from hooks.distributions import unusable
 from analysis.passk import bootstrap_mean_ci, ks_for, pass_at_k_array
 from analysis.table import KINDS, row
 from hooks.base import Instrumented
 from hooks.encode import EncodedProblem
+from training.errors import UsageError
 from training.schema import Problem
 
 Verifier = Callable[[Problem, str], bool]
@@ -49,6 +51,13 @@ class ForkCapture:
     other_kind: list[str]
 
 
+def _refuse_non_finite(ok: bool, model: Instrumented, what: str) -> None:
+    """NaN or Inf in what the model computed is an error naming the checkpoint, never a measurement."""
+    if not ok:
+        raise UsageError(f"{model.path}: non-finite {what} in the teacher-forced pass (an overflow in "
+                         f"{getattr(model, 'dtype', 'float32')}, or damaged weights); no number is reported for it")
+
+
 def _pad(rows: Sequence[Sequence[int]], fill: int) -> Tensor:
     width = max(1, max(len(r) for r in rows))
     out = torch.full((len(rows), width), fill, dtype=torch.long)
@@ -71,6 +80,8 @@ def teacher_forced(model: Instrumented, problems: Sequence[EncodedProblem], batc
         fork_read = [[f.pos - 1 for f in p.forks] or [0] for p in batch]
         logits, resid = model.capture(ids, attn, _pad(fork_read, 0), _pad(logit_pos, 0))
         logits = logits.float()
+        _refuse_non_finite(not bool(unusable(logits).any()), model, "logits")
+        _refuse_non_finite(bool(torch.isfinite(resid).all()), model, "residual stream")
         ent = entropy(logits).cpu()
         for i, p in enumerate(batch):
             fork_at = {f.pos - 1 for f in p.forks}
@@ -91,6 +102,7 @@ def teacher_forced(model: Instrumented, problems: Sequence[EncodedProblem], batc
                 bmask[j, :nb] = True
                 vmask[j, :nb] = torch.tensor(f.valid)
             lens_logits = model.lens(f_resid.to(model.device)).float()  # [forks, layer, vocab]
+            _refuse_non_finite(not bool(unusable(lens_logits).any()), model, "logit-lens logits")
             acc["mass"].append(branch_mass(f_logits, bids.to(f_logits.device), bmask.to(f_logits.device)).cpu())
             acc["lmass"].append(branch_mass(lens_logits, bids.to(lens_logits.device), bmask.to(lens_logits.device)).cpu())
             acc["lkl"].append(kl(f_logits[:, None, :], lens_logits).cpu())
@@ -203,7 +215,7 @@ def sample_outcomes(
     """
     if batch_size is None:
         batch_size = 4096 if model.device.type == "cuda" else 256
-    from hooks.sampler import sample
+    from hooks.sampler import NonFiniteLogits, sample
 
     tok = model.tokenizer
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -223,7 +235,10 @@ def sample_outcomes(
         if n_ctx:
             budget = max(1, min(budget, n_ctx - plen))
         prompts = torch.tensor([problems[i].ids[:plen] for i in idx], dtype=torch.long)
-        out = sample(stepper, prompts, n, budget, tok.eos_id, tok.pad_id, strategy, gen, batch_size=batch_size).cpu()
+        try:
+            out = sample(stepper, prompts, n, budget, tok.eos_id, tok.pad_id, strategy, gen, batch_size=batch_size).cpu()
+        except NonFiniteLogits as e:
+            raise UsageError(f"{model.path}: {e}; no number is reported for it") from None
         for row_i, i in enumerate(idx):
             p = problems[i]
             gold = p.ids[plen:]

@@ -130,7 +130,7 @@ def _import_function(target: str, name: str, spec: str) -> Callable[..., Any]:
                 raise ImportError(f"cannot load {path} as Python")
             module = importlib.util.module_from_spec(loader_spec)
             loader_spec.loader.exec_module(module)
-        except Exception as e:  # a user's module can fail to import in any way
+        except (Exception, SystemExit) as e:  # a user's module can fail to import in any way, exit() included
             raise UsageError(f"--verifier {spec}: cannot import {path} ({type(e).__name__}: {e})") from None
     else:
         cwd = os.getcwd()
@@ -139,7 +139,7 @@ def _import_function(target: str, name: str, spec: str) -> Callable[..., Any]:
             sys.path.insert(0, cwd)
         try:
             module = importlib.import_module(target)
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise UsageError(
                 f"--verifier {spec}: cannot import module {target!r} ({type(e).__name__}: {e}); "
                 "it must be importable from sys.path or the current directory, or give path/to/file.py:function"
@@ -159,7 +159,7 @@ def _user(fn: Callable[..., Any], spec: str) -> VerifyFn:
     def user(problem: Problem, completion: str) -> bool:
         try:
             out = fn(problem, completion)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # sys.exit() in a verifier must not end the run silently
             text = str(completion)
             shown = text if len(text) <= 80 else text[:77] + "..."
             raise UsageError(
@@ -195,12 +195,17 @@ def make_verifier(spec: str | None, answer_prefix: str = "answer") -> Verifier |
     raise UsageError(f"unknown --verifier {spec!r}; use one of {FORMS}")
 
 
-def verifier_for(spec: str | None, task_config: dict[str, Any] | None, answer_prefix: str = "answer") -> VerifyFn:
-    """The verifier a checkpoint's samples are scored with: ``spec`` if given, else its task's own."""
+def verifier_for(spec: str | None, task_config: dict[str, Any] | None, answer_prefix: str = "answer") -> Verifier:
+    """The one way a run gets its verifier: ``spec`` if given, else the checkpoints' task's own.
+
+    Without either there is no honest way to score a sample, so it is a user error (pass@k from a
+    guessed answer format would be a wrong number, not a missing one).
+    """
     if spec is not None:
         return make_verifier(spec, answer_prefix)
     if task_config:
         from training.tasks import get_task
 
-        return get_task(task_config).verify
-    raise UsageError(f"this checkpoint names no task whose verifier could score samples; pass --verifier ({FORMS})")
+        task = get_task(task_config)
+        return Verifier(f"task:{task.name}", task.verify)
+    raise UsageError(f"these checkpoints name no task whose verifier could score samples; pass --verifier ({FORMS})")

@@ -217,7 +217,7 @@ def preimport() -> None:
     import hooks.native  # noqa: F401
     import hooks.sampler  # noqa: F401
     import probes.linear  # noqa: F401
-    import probes.run  # noqa: F401
+    import probes.runner  # noqa: F401
     import training.tasks  # noqa: F401
 
 
@@ -250,8 +250,8 @@ def find_checkpoint(checkpoint: str | None, eval_file: str | None, min_problems:
     ``--checkpoint`` if given; else the one ``probes demo`` writes (runs/demo/...); else a short
     run of the default config's model shape, trained once under runs/bench/ and reused.
     """
-    from hooks.load import describe
-    from probes.run import _eval_from_meta
+    from hooks.record import read_record
+    from probes.runner import eval_from_meta
 
     if checkpoint:
         ck = Path(checkpoint)
@@ -271,7 +271,7 @@ def find_checkpoint(checkpoint: str | None, eval_file: str | None, min_problems:
             train(None, out=run_dir, overrides=fallback_overrides(n_eval), progress=False, log=lambda *_: None)
         note = (f"checkpoint {ck} (a default-shape model trained 20 + 20 steps on the fly: "
                 "timings need the shape, not a good model; run probes demo for the real one)")
-    ev = Path(eval_file) if eval_file else _eval_from_meta([ck], [describe(ck)])
+    ev = Path(eval_file) if eval_file else eval_from_meta([read_record(ck)])
     log(note)
     log(f"eval set {ev}")
     return ck, ev

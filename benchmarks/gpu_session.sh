@@ -44,7 +44,7 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...
 stage setup 40 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python3 -c "
 import sys, torch, transformers, transformer_lens, nnsight, sklearn, pandas
 from nnsight.modeling.transformers import TransformersModel
-import probes.api, hooks.native, hooks.hf, analysis.figures, probes.sweep
+import probes.api, hooks.native, hooks.hf, analysis.figures, probes.grid
 print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))
 print(\"transformers\", transformers.__version__, \"transformer_lens\", transformer_lens.__version__ if hasattr(transformer_lens, \"__version__\") else \"?\", \"nnsight\", nnsight.__version__, \"pandas\", pandas.__version__)
 "'

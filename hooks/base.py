@@ -10,33 +10,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from hooks.record import CheckpointRecord
 from hooks.sampler import Stepper  # the one definition of the KV-cached stepping protocol
-
-
-class TextTokenizer(Protocol):
-    """The tokenizer surface measurements need (the word tokenizer and HF tokenizers both have it)."""
-
-    eos_id: int
-    pad_id: int
-
-    def encode_with_offsets(self, text: str) -> list[tuple[int, tuple[int, int]]]: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode_completion(self, ids) -> tuple[str, bool]: ...
-
-    def fingerprint(self) -> str: ...
 
 
 class Instrumented(ABC):
     """A loaded checkpoint with hooks at the residual stream, the final norm and the unembedding."""
 
+    record: CheckpointRecord
+    """Where the checkpoint came from and what it is (format, phase, step, identity, meta)."""
     path: Path
     name: str
     phase: str
@@ -67,7 +55,18 @@ class Instrumented(ABC):
     def stepper(self) -> Stepper:
         """A fresh KV-cached stepper over this checkpoint's weights."""
 
-    def sort_key(self) -> tuple[int, int, str]:
-        from training.checkpoint import PHASE_ORDER
+    def _adopt(self, record: CheckpointRecord | str | Path) -> None:
+        """Take identity, place in the series and tokenizer from the record (read once, never again).
 
-        return (PHASE_ORDER.get(self.phase, 9), self.step, str(self.path))
+        A directory path is read into its record here, so notebooks can construct a checkpoint directly.
+        """
+        if not isinstance(record, CheckpointRecord):
+            from hooks.record import read_record
+
+            record = read_record(record)
+        self.record = record
+        self.path = record.path
+        self.name = record.name
+        self.phase, self.step = record.phase, record.step
+        self.meta = record.meta
+        self.tokenizer = record.tokenizer

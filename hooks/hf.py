@@ -2,12 +2,10 @@
 
 A directory holds what ``save_pretrained`` writes: ``config.json``, safetensors weights and the
 tokenizer files (``tokenizer.json``). It is read from disk only: ``local_files_only=True`` and
-Hub offline mode while loading, so nothing ever reaches the network. Optional ``meta.json``
-gives the checkpoint's place in training:
-
-- ``phase``: from meta.json; else ``"base"`` when the directory name contains "base"; else ``"sft"``.
-- ``step``: from meta.json; else the trailing digits of the directory name
-  (``checkpoint-400`` -> 400); else 0.
+Hub offline mode while loading, so nothing ever reaches the network, and ``trust_remote_code=False``
+on every load, so a directory's own Python never runs and transformers never asks whether it
+should. Optional ``meta.json`` gives the checkpoint's place in training (the rule is
+``training.phases.phase_step``).
 
 Measurements read the residual stream through one nnsight trace per batch (the input of every
 decoder block, then the input of the final norm, which is the stream after the last block), so
@@ -29,7 +27,6 @@ import copy
 import hashlib
 import inspect
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -39,28 +36,54 @@ from torch import Tensor
 
 from hooks.base import Instrumented
 from hooks.hf_arch import ArchModules, arch_names, resolve
+from hooks.record import CheckpointRecord
+from training.checkpoint import check_finite
 from training.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
-__all__ = ["HFCheckpoint", "HFTokenizer", "HFStepper", "DTYPES", "parse_dtype", "hf_phase_step"]
+__all__ = ["HFCheckpoint", "HFTokenizer", "HFStepper", "DTYPES", "parse_dtype", "load_hf_tokenizer"]
 
 
 @contextlib.contextmanager
-def offline() -> Iterator[None]:
-    """Hub offline mode for the duration of a load (restored afterwards, whatever it was)."""
+def offline(progress: bool = True) -> Iterator[None]:
+    """Hub offline mode for the duration of a load, and transformers' progress bars off unless
+    ``progress`` (both restored afterwards, whatever they were)."""
+    from transformers.utils import logging as hf_logging
+
     try:
         import huggingface_hub.constants as hub
     except ImportError:  # pragma: no cover
-        yield
-        return
-    before = hub.HF_HUB_OFFLINE
-    hub.HF_HUB_OFFLINE = True
+        hub = None
+    before = hub.HF_HUB_OFFLINE if hub is not None else None
+    bars = hf_logging.is_progress_bar_enabled()
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        hub.HF_HUB_OFFLINE = before
+        if hub is not None:
+            hub.HF_HUB_OFFLINE = before
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_hf_tokenizer(path: Path, config: dict[str, Any]) -> "HFTokenizer":
+    """The directory's fast tokenizer, from disk only and never with the directory's own code."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        raise UsageError(f"no tokenizer file tokenizer.json in {p}; save the tokenizer there with tokenizer.save_pretrained")
+    with offline(progress=False):
+        try:
+            hf_tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"cannot load the tokenizer in {p}: {_first_line(e)}") from None
+    return HFTokenizer(hf_tok, eos_fallback=config.get("eos_token_id"), where=str(p))
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -74,18 +97,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if str(dtype) not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[str(dtype)]
-
-
-def hf_phase_step(path: Path, meta: dict[str, Any]) -> tuple[str, int]:
-    """Phase and step of a Hugging Face directory (see the module docstring for the rule)."""
-    phase = meta.get("phase")
-    if not isinstance(phase, str) or not phase:
-        phase = "base" if "base" in path.name.lower() else "sft"
-    step = meta.get("step")
-    if isinstance(step, bool) or not isinstance(step, int):
-        m = re.search(r"(\d+)$", path.name)
-        step = int(m.group(1)) if m else 0
-    return phase, step
 
 
 # ---------------------------------------------------------------------------------- tokenizer
@@ -250,63 +261,37 @@ class HFCheckpoint(Instrumented):
 
     format = "hf"
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu", dtype: str | torch.dtype | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, record: CheckpointRecord | str | Path, device: torch.device | str = "cpu",
+                 dtype: str | torch.dtype | None = None, progress: bool = False):
+        from transformers import AutoModelForCausalLM
 
-        self.path = Path(path)
+        self._adopt(record)
         p = self.path
-        if not p.is_dir():
-            raise UsageError(f"no such checkpoint directory: {p}")
-        if not (p / "config.json").is_file():
-            raise UsageError(f"no config.json in {p}; a Hugging Face checkpoint is a save_pretrained directory")
-        try:
-            config = json.loads((p / "config.json").read_text(encoding="utf-8"))
-        except (ValueError, OSError) as e:
-            raise UsageError(f"{p / 'config.json'} is not valid JSON ({_first_line(e)})") from None
-        self.config: dict[str, Any] = config
-        names = arch_names(config.get("model_type"), where=str(p))
-        if not list(p.glob("*.safetensors")):
-            extra = " (found pytorch_model.bin: convert it with save_pretrained(..., safe_serialization=True))" if list(
-                p.glob("*.bin")
-            ) else ""
-            raise UsageError(f"no weights file model.safetensors in {p}{extra}")
-        if not any((p / f).is_file() for f in _TOKENIZER_FILES):
-            raise UsageError(f"no tokenizer file tokenizer.json in {p}; save the tokenizer there with tokenizer.save_pretrained")
+        self.config: dict[str, Any] = self.record.config
+        names = arch_names(self.config.get("model_type"), where=str(p))
         self.dtype = parse_dtype(dtype)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+        self.task_config: dict[str, Any] = self.record.task or {}
 
-        meta: dict[str, Any] = {}
-        if (p / "meta.json").is_file():
-            try:
-                meta = json.loads((p / "meta.json").read_text(encoding="utf-8"))
-            except (ValueError, OSError) as e:
-                raise UsageError(f"{p / 'meta.json'} is not valid JSON ({_first_line(e)})") from None
-            if not isinstance(meta, dict):
-                raise UsageError(f"{p / 'meta.json'} must hold a JSON object (phase, step, ...)")
-        self.meta = meta
-        self.name = p.name
-        self.phase, self.step = hf_phase_step(p, meta)
-        self.task_config: dict[str, Any] = meta.get("task", {}) if isinstance(meta.get("task"), dict) else {}
-
-        with offline():
+        with offline(progress):
             try:
                 model, info = AutoModelForCausalLM.from_pretrained(
                     str(p), local_files_only=True, use_safetensors=True, output_loading_info=True,
-                    **{_dtype_kw(): self.dtype},
+                    trust_remote_code=False, **{_dtype_kw(): self.dtype},
                 )
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
+            except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
                 raise UsageError(f"cannot load the model in {p}: {_first_line(e)}") from None
-            missing = [k for k in info.get("missing_keys", []) if "rotary" not in k and "masked_bias" not in k]
-            if missing:
-                raise UsageError(f"weights in {p} do not match its config.json: missing {sorted(missing)[:3]}")
-            try:
-                hf_tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise UsageError(f"cannot load the tokenizer in {p}: {_first_line(e)}") from None
+        missing = [k for k in info.get("missing_keys", []) if "rotary" not in k and "masked_bias" not in k]
+        if missing:
+            raise UsageError(f"weights in {p} do not match its config.json: missing {sorted(missing)[:3]}")
+        mismatched = info.get("mismatched_keys") or []
+        if mismatched:
+            raise UsageError(f"weights in {p} do not match its config.json: shapes differ for {sorted(map(str, mismatched))[:2]}")
+        check_finite(dict(model.named_parameters()), str(p))
+        hf_tok = self.tokenizer.tok
         self.module = model.to(self.device).eval()
-        self.tokenizer = HFTokenizer(hf_tok, eos_fallback=getattr(model.config, "eos_token_id", None), where=str(p))
         vocab_rows = model.get_input_embeddings().weight.shape[0]
         if len(hf_tok) > vocab_rows:
             raise UsageError(
@@ -325,7 +310,7 @@ class HFCheckpoint(Instrumented):
 
         # nnsight adopts the tokenizer it is given (and sets its padding side / pad token), so
         # it gets a copy: our tokenizer's ids and fingerprint stay as saved.
-        with offline():
+        with offline(progress):
             self.nn = TransformersModel(self.module, tokenizer=copy.deepcopy(hf_tok))
         self._layer_envoys = [self._envoy(self._arch.layers_path)[l] for l in range(self.n_layers)]
         self._norm_envoy = self._envoy(self._arch.norm_path)
@@ -393,9 +378,3 @@ class HFCheckpoint(Instrumented):
         """A fresh stepper for sequences up to ``max_len`` tokens (default and cap: the model's context)."""
         limits = [x for x in (max_len, self.n_ctx) if x]
         return HFStepper(self.module, max_len=min(limits) if limits else None)
-
-    def sort_key(self) -> tuple[int, int, str]:
-        from training.checkpoint import PHASE_ORDER
-
-        order = {**PHASE_ORDER, "base": PHASE_ORDER.get("pretrain", 0)}
-        return (order.get(self.phase, 9), self.step, str(self.path))

@@ -12,10 +12,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from hooks.base import Instrumented, Stepper
-from training.checkpoint import read_checkpoint
+from hooks.record import CheckpointRecord
+from training.checkpoint import check_finite, read_weights
 from training.errors import UsageError
-from training.model import build_native, tl_config
-from training.tokenizer import WordTokenizer
+from training.model import build_native, load_weights, tl_config
 
 
 def resid_hook_names(n_layers: int) -> list[str]:
@@ -26,22 +26,21 @@ def resid_hook_names(n_layers: int) -> list[str]:
 class NativeCheckpoint(Instrumented):
     format = "native"
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu"):
+    def __init__(self, record: CheckpointRecord | str | Path, device: torch.device | str = "cpu"):
         from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
-        self.path = Path(path)
-        self.config, self.meta, weights = read_checkpoint(self.path)
-        self.name = self.path.name
-        self.phase = str(self.meta.get("phase", "unknown"))
-        self.step = int(self.meta.get("step", 0))
+        self._adopt(record)
+        self.config = self.record.config
+        weights = read_weights(self.path)
+        check_finite(weights, str(self.path))
         self.device = torch.device(device)
-        self.tokenizer = WordTokenizer.from_dict(self.config["tokenizer"])
-        self.task_config: dict[str, Any] = self.config.get("task", {})
+        self.task_config: dict[str, Any] = self.config.get("task") or {}
         model_cfg = self.config["model"]
-        self.module = build_native(model_cfg)
-        missing, unexpected = self.module.load_state_dict(weights, strict=False)
-        if [k for k in missing if "mask" not in k and "cached" not in k] or unexpected:
-            raise UsageError(f"{self.path}: weights do not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        try:
+            self.module = build_native(model_cfg)
+        except (TypeError, ValueError, KeyError) as e:
+            raise UsageError(f"{self.path / 'config.json'}: its model config cannot build a model ({e}); re-save the checkpoint") from None
+        load_weights(self.module, weights, str(self.path))
         self.module.to(self.device).eval()
         self.bridge = build_bridge_from_module(
             copy.deepcopy(self.module), architecture="TransformerLensNative", tl_config=tl_config(model_cfg)

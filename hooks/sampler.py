@@ -23,11 +23,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooks.distributions import unusable
 from hooks.kv_native import NativeKVStepper, native_model_of
 from hooks.strategies import RowState, Strategy, parse_strategy
 from training.errors import UsageError
 
-__all__ = ["Stepper", "as_stepper", "sample"]
+__all__ = ["NonFiniteLogits", "Stepper", "as_stepper", "sample"]
+
+
+class NonFiniteLogits(UsageError):
+    """The model produced NaN or Inf logits while sampling: no sample drawn from them means anything."""
 
 
 @runtime_checkable
@@ -158,13 +163,17 @@ def _sample_chunk(
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     pad = torch.tensor(pad_id, dtype=torch.long, device=device)
     uniforms = torch.rand((max_new_tokens, rows), generator=generator, device=generator.device).to(device)
+    broken = torch.zeros(rows, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         state.step = t
         state.uniforms = uniforms[t]
+        broken |= ~finished & unusable(logits)  # checked once per chunk: no sync per step
         next_ids = strategy(logits.float(), state, generator).to(device)
         tokens[:, t] = torch.where(finished, pad, next_ids)
         finished |= next_ids == eos_id
         if t == max_new_tokens - 1 or bool(finished.all()):
             break
         logits = stepper.step(next_ids)
+    if bool(broken.any()):
+        raise NonFiniteLogits(f"non-finite logits while sampling ({int(broken.sum())} of {rows} rows)")
     return tokens

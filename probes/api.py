@@ -16,13 +16,14 @@ def train(
     progress: bool = True,
     log=print,
     base: str | Path | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Synthesise data, pretrain the base model and SFT it, writing checkpoints under ``out``.
 
     ``config`` is an :class:`ExperimentConfig`, a JSON file or an embedded config name; ``out``
     defaults to ``runs/<config name>``. With ``base`` (a checkpoint directory) pretraining is
     skipped and that model is fine-tuned, on the base run's eval set. Resumes whatever a previous
-    call left.
+    call left, if it was started with the same config; ``force`` starts a run with another config over.
     """
     from training.train import train as _train
 
@@ -33,25 +34,20 @@ def train(
         import torch
 
         torch.set_num_threads(cfg.threads)
-    if base is not None:
-        from training.checkpoint import is_native_checkpoint
-        from training.errors import UsageError
-
-        if not is_native_checkpoint(base):
-            raise UsageError(f"--base {base} is not a fork-probes checkpoint directory")
-    return _train(cfg, out or Path("runs") / cfg.name, device=device, progress=progress, log=log, base_from=base)
+    return _train(cfg, out or Path("runs") / cfg.name, device=device, progress=progress, log=log, base_from=base,
+                  force=force)
 
 
 def run(checkpoints, out=None, **kwargs):
-    """Measure checkpoints on an annotated eval set; see :func:`probes.run.run`."""
-    from probes.run import run as _run
+    """Measure checkpoints on an annotated eval set; see :func:`probes.runner.run`."""
+    from probes.runner import run as _run
 
     return _run(checkpoints, out=out, **kwargs)
 
 
 def load_results(results_dir):
-    """Read a results directory's tidy table back (see :func:`probes.run.load_results`)."""
-    from probes.run import load_results as _load
+    """Read a results directory's tidy table back (see :func:`probes.results_dir.load_results`)."""
+    from probes.results_dir import load_results as _load
 
     return _load(results_dir)
 
@@ -63,19 +59,23 @@ def figures(results: str | Path, out: str | Path | None = None, formats: Sequenc
     """
     from analysis.figures import make_figures
     from analysis.report import write_report
+    from training.checkpoint import read_json_object
     from training.errors import UsageError
-    from training.io import read_json
 
     results = Path(results)
-    df = load_results(results)
     formats = [f.strip().lower() for f in formats if f.strip()]
     bad = [f for f in formats if f not in ("pdf", "png", "svg")]
     if bad or not formats:
         raise UsageError(f"unknown figure format {bad[0] if bad else '(none)'!r}; use pdf, png or svg (comma-separated)")
-    out_dir = Path(out) if out else results / "figures"
+    df = load_results(results)
+    out_dir = Path(out) if out else (results if results.is_dir() else results.parent) / "figures"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; give a directory for the figures")
+    manifest_path = (results if results.is_dir() else results.parent) / "manifest.json"
+    manifest = None
+    if manifest_path.is_file():  # read before any figure is drawn: a bad manifest leaves nothing half-written
+        manifest = read_json_object(manifest_path, "a results manifest", "fix or delete it to draw the figures")
     files, skipped = make_figures(df, out_dir, formats=formats)
-    manifest_path = results / "manifest.json"
-    manifest = read_json(manifest_path) if manifest_path.is_file() else None
     report = write_report(df, out_dir, manifest=manifest, figure_files=files, skipped=skipped)
     for msg in skipped:
         log(msg)
@@ -105,8 +105,8 @@ def demo(out: str | Path = "runs/demo", device: str | None = None, progress: boo
 
 
 def sweep(config=None, out="runs/sweep", task=None, workers=0, quick=False, device=None, progress=True, log=print):
-    """Fork-prevalence x policy x seed grid; see :func:`probes.sweep.sweep`."""
-    from probes.sweep import sweep as _sweep
+    """Fork-prevalence x policy x seed grid; see :func:`probes.grid.sweep`."""
+    from probes.grid import sweep as _sweep
 
     return _sweep(config=config, out=out, task=task, workers=workers, quick=quick, device=device,
                   progress=progress, log=log)
@@ -125,23 +125,25 @@ def fork_lens(checkpoint: str | Path, problem=0, eval: str | Path | None = None,
 
     from analysis.metrics import branch_mass, renormalised
     from hooks.encode import encode_problems
-    from hooks.load import describe, load
+    from hooks.load import load
+    from hooks.record import read_record
     from training.errors import UsageError
     from training.schema import Problem, read_jsonl
     from training.train import pick_device
 
-    model = load(checkpoint, device=pick_device(device))
+    record = read_record(checkpoint)
     if isinstance(problem, Problem):
         problems = [problem]
     else:
         if eval is None:
-            from probes.run import _eval_from_meta
+            from probes.runner import eval_from_meta
 
-            eval = _eval_from_meta([Path(checkpoint)], [describe(checkpoint)])
+            eval = eval_from_meta([record])
         problems = read_jsonl(eval)
         if not isinstance(problem, int) or not 0 <= problem < len(problems):
             raise UsageError(f"problem index {problem!r} is not in 0..{len(problems) - 1}")
         problems = [problems[problem]]
+    model = load(record, device=pick_device(device))
     encoded, report = encode_problems(model.tokenizer, problems)
     if not encoded or not encoded[0].forks:
         raise UsageError(f"that problem has no decision point this tokenizer can read ({report.to_dict()})")

@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> None:
         print(json.dumps(load_config(args.config, args.overrides).to_dict(), indent=2))
         return
     api.train(config=args.config, out=args.out, overrides=args.overrides, device=args.device, progress=not args.quiet,
-              base=args.base)
+              base=args.base, force=args.force)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--base", default=None, metavar="CHECKPOINT", help="fine-tune this base checkpoint instead of pretraining (shares its eval set)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--force", action="store_true", help="start a run whose --out holds a run with another config over (deletes its data and checkpoints)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sft.steps=500")
     t.set_defaults(fn=_train)
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype (Hugging Face checkpoints)")
     r.add_argument("--verifier", default=None, help="exact, regex:PATTERN or module:function (own data)")
     r.add_argument("--answer-prefix", default=None, help="for --verifier exact: the answer follows the last occurrence of this text (default 'answer')")
-    r.add_argument("--force", action="store_true", help="measure finished checkpoints again")
+    r.add_argument("--force", action="store_true", help="measure finished checkpoints again (and replace results measured with other settings)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=_run)
 

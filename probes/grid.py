@@ -49,20 +49,43 @@ def load_sweep_config(path: str | None, quick: bool) -> SweepConfig:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"sweep config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"sweep config {path}: expected a JSON object like training/configs/sweep.json")
     known = set(SweepConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"unknown sweep config key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    for key, kind in _LIST_KEYS.items():
+        if key in raw and (not isinstance(raw[key], list) or not all(_is(kind, v) for v in raw[key])):
+            raise UsageError(f"sweep config key {key!r} takes a list of {kind}s (e.g. {json.dumps(getattr(SweepConfig(), key))}), "
+                             f"got {json.dumps(raw[key])}")
+    if "samples" in raw and (not _is("whole number", raw["samples"]) or raw["samples"] < 1):
+        raise UsageError(f"sweep config key 'samples' takes a whole number ≥ 1, got {raw.get('samples')!r}")
     cfg = SweepConfig(**raw)
     for p in cfg.prevalence:
-        if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        if not 0.0 <= p <= 1.0:
             raise UsageError(f"sweep prevalence values must be in [0, 1], got {p!r}")
     for pol in cfg.policy:
         if pol not in ("canonical", "balanced", "paired"):
             raise UsageError(f"sweep policy {pol!r} is not canonical, balanced or paired")
-    if not cfg.tasks or not cfg.seeds:
-        raise UsageError("a sweep needs at least one task and one seed")
+    if not cfg.tasks or not cfg.seeds or not cfg.prevalence or not cfg.policy or not cfg.strategies:
+        raise UsageError("a sweep needs at least one task, seed, prevalence, policy and strategy")
+    from hooks.strategies import parse_strategy
+
+    cfg.strategies = [str(parse_strategy(x)) for x in cfg.strategies]  # refused here, before any training
     return cfg
+
+
+_LIST_KEYS = {"tasks": "string", "prevalence": "number", "policy": "string", "seeds": "whole number",
+              "strategies": "string", "overrides": "string"}
+
+
+def _is(kind: str, v: Any) -> bool:
+    if kind == "string":
+        return isinstance(v, str)
+    if kind == "number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _cell_name(prevalence: float, policy: str) -> str:
@@ -101,7 +124,7 @@ def _cell_job(args: tuple) -> str:
 def _measure_job(args: tuple) -> str:
     checkpoint, out, eval_file, strategies, samples, columns, device, threads = args
     _threads(threads)
-    from probes.run import run
+    from probes.runner import run
 
     run([checkpoint], out=out, eval=eval_file, strategies=strategies, samples=samples, device=device,
         progress=False, log=lambda *_: None, extra_columns=columns)
@@ -115,22 +138,32 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def _map(fn: Callable, jobs: list, workers: int, log: Callable[[str], None], what: str) -> list:
-    t0 = time.perf_counter()
-    if workers <= 1 or len(jobs) <= 1:
-        out = []
-        for i, j in enumerate(jobs, 1):
-            out.append(fn(j))
-            log(f"{what}: {i}/{len(jobs)} done ({time.perf_counter() - t0:.0f}s)")
-        return out
-    import multiprocessing as mp
+def _map(fn: Callable, jobs: list, workers: int, log: Callable[[str], None], what: str, progress: bool = False) -> list:
+    """``fn`` over ``jobs`` in order (a spawn process pool when workers > 1), a line per finished job."""
+    from tqdm.auto import tqdm
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        out = []
-        for i, r in enumerate(pool.map(fn, jobs), 1):
-            out.append(r)
-            log(f"{what}: {i}/{len(jobs)} done ({time.perf_counter() - t0:.0f}s)")
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(jobs), desc=what, leave=False, disable=not progress)
+    out = []
+
+    def done(r: Any) -> None:
+        out.append(r)
+        bar.update(1)
+        log(f"{what}: {len(out)}/{len(jobs)} done ({time.perf_counter() - t0:.0f}s)")
+
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for j in jobs:
+                done(fn(j))
+            return out
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            for r in pool.map(fn, jobs):
+                done(r)
         return out
+    finally:
+        bar.close()
 
 
 def sweep(
@@ -165,12 +198,12 @@ def sweep(
         _task_config(t, cfg.seeds[0], cfg.overrides, [])
 
     base_jobs = [(t, s, cfg.overrides, str(root), device, threads) for t in tasks for s in cfg.seeds]
-    bases = dict(zip([(t, s) for t, s, *_ in base_jobs], _map(_base_job, base_jobs, workers, log, "base models")))
+    bases = dict(zip([(t, s) for t, s, *_ in base_jobs], _map(_base_job, base_jobs, workers, log, "base models", progress)))
     cell_jobs = [
         (t, s, p, pol, cfg.overrides, str(root), bases[(t, s)], device, threads)
         for t in tasks for s in cfg.seeds for p in cfg.prevalence for pol in cfg.policy
     ]
-    finals = _map(_cell_job, cell_jobs, workers, log, "SFT cells")
+    finals = _map(_cell_job, cell_jobs, workers, log, "SFT cells", progress)
 
     from training.checkpoint import read_checkpoint
 
@@ -184,14 +217,14 @@ def sweep(
             if job[0] == t and job[1] == s:
                 cols = {"task": t, "prevalence": float(job[2]), "policy": job[3], "seed": s}
                 measure.append((final, str(Path(final).parent.parent / "results"), eval_file, cfg.strategies, cfg.samples, cols, device, threads))
-    result_dirs = _map(_measure_job, measure, workers, log, "measured")
+    result_dirs = _map(_measure_job, measure, workers, log, "measured", progress)
 
     frames = [pd.read_parquet(Path(d) / "results.parquet") for d in result_dirs]
     df = pd.concat(frames, ignore_index=True)
     df["run"] = [str(Path(d).parent.relative_to(root)) for d, f in zip(result_dirs, frames) for _ in range(len(f))]
     atomic_write(root / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
     atomic_write(root / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
-    from probes.run import versions
+    from probes.runner import versions
 
     write_json(root / "manifest.json", {
         "sweep": cfg.__dict__, "tasks": tasks, "workers": workers,

@@ -1,9 +1,11 @@
 """``probes run``: measure every checkpoint on one annotated eval set, into one tidy table.
 
-Each finished checkpoint's rows are written atomically to ``RESULTS/checkpoints/<label>.parquet``
-as soon as it is done, then the combined ``results.parquet``/``results.csv`` and
-``manifest.json`` are rewritten atomically; a rerun skips finished checkpoints (unless
-``force``), so a run killed at any moment and started again ends with the same table.
+Everything that can be checked is checked before anything is written (checkpoints, eval set,
+verifier, strategies, devices, context lengths), so a mistake is one line and leaves ``--out`` as
+it was. Then :class:`probes.results_dir.ResultsDir` holds the directory's contract: each
+finished checkpoint's rows are written atomically with the identity they were measured under, a
+rerun reuses only what matches, and a run killed at any moment and started again ends with the
+table of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,11 +24,14 @@ import pandas as pd
 from analysis.measure import fork_rows, probe_labels, sample_outcomes, sample_rows, seed_for, teacher_forced
 from analysis.passk import ks_for
 from analysis.table import row, to_frame
-from hooks.encode import encode_problems
-from hooks.load import describe, load, resolve_checkpoints
+from analysis.verifiers import Verifier, verifier_for
+from hooks.encode import EncodedProblem, EncodeReport, encode_problems
+from hooks.load import load, resolve_checkpoints
+from hooks.record import CheckpointRecord
+from probes.results_dir import ResultsDir, iter_labels, load_results  # noqa: F401  (load_results: public API)
 from training.errors import UsageError
-from training.io import atomic_write, read_json, sha256_file, write_json
-from training.schema import read_jsonl
+from training.io import sha256_file
+from training.schema import Problem, read_jsonl
 
 DEFAULT_SAMPLES = 32
 DEFAULT_STRATEGY = "temperature:1.0"
@@ -41,69 +47,148 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _labels(paths: list[Path]) -> list[str]:
-    """Checkpoint labels: the directory name, or run__name where two runs share a name."""
-    names = [p.name for p in paths]
-
-    def run_dir(p: Path) -> Path:
-        return p.parent.parent if p.parent.name == "checkpoints" else p.parent
-
-    return [f"{run_dir(p).name}__{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+def default_out(records: list[CheckpointRecord]) -> Path:
+    return records[0].run_dir / "results"
 
 
-def _default_out(paths: list[Path]) -> Path:
-    first = paths[0].resolve()
-    if first.parent.name == "checkpoints":
-        return first.parent.parent / "results"
-    return first.parent / "results"
-
-
-def _eval_from_meta(paths: list[Path], infos: list[dict]) -> Path:
+def eval_from_meta(records: list[CheckpointRecord]) -> Path:
+    """The one eval set the checkpoints' meta.json files record (inside their run directories)."""
     found: dict[str, Path] = {}
-    for p, info in zip(paths, infos):
-        meta = info["meta"]
-        if "eval_file" not in meta:
-            continue
-        f = (p / meta.get("data_dir", ".") / meta["eval_file"]).resolve()
-        found.setdefault(meta.get("eval_sha256") or str(f), f)
+    for rec in records:
+        f = rec.eval_file()
+        if f is not None:
+            found.setdefault(rec.meta.get("eval_sha256") or str(f), f)
     if not found:
         raise UsageError("the checkpoints record no eval set; pass --eval FILE.jsonl")
     if len(found) > 1:
         raise UsageError("the checkpoints record different eval sets (they come from different runs); pass --eval FILE.jsonl")
     f = next(iter(found.values()))
     if not f.is_file():
-        raise UsageError(f"the checkpoints' eval set {f} is missing; pass --eval FILE.jsonl")
+        raise UsageError(f"the checkpoints' eval set {f} is missing (moved out of its run directory?); pass --eval FILE.jsonl")
     return f
 
 
-def _verifier(spec: str | None, answer_prefix: str, infos: list[dict]):
-    if spec is not None:
-        from analysis.verifiers import make_verifier
-
-        return make_verifier(spec, answer_prefix=answer_prefix), spec
-    tasks = [i["task"] for i in infos if i["task"]]
-    if not tasks:
-        from analysis.verifiers import make_verifier
-
-        return make_verifier("exact", answer_prefix=answer_prefix), "exact"
-    from training.tasks import get_task
-
-    task = get_task(tasks[0])
-    return task.verify, f"task:{task.name}"
-
-
-def _check_same(paths: list[Path], infos: list[dict]) -> None:
-    first = infos[0]
-    for p, info in zip(paths[1:], infos[1:]):
-        if info["tokenizer"] != first["tokenizer"]:
+def _check_same(records: list[CheckpointRecord]) -> None:
+    first = records[0]
+    for rec in records[1:]:
+        if rec.tokenizer_fingerprint != first.tokenizer_fingerprint:
             raise UsageError(
-                f"{p} uses another tokenizer than {paths[0]}: measure checkpoints that share a tokenizer together"
+                f"{rec.path} uses another tokenizer than {first.path}: measure checkpoints that share a tokenizer together"
             )
-        if info["task"] and first["task"] and info["task"] != first["task"]:
+        if rec.task and first.task and rec.task != first.task:
             raise UsageError(
-                f"{p} was trained on another task ({info['task'].get('name')}, {info['task']}) than {paths[0]}: "
+                f"{rec.path} was trained on another task ({rec.task.get('name')}, {rec.task}) than {first.path}: "
                 "measure one task's checkpoints at a time"
             )
+
+
+def _check_eval_tasks(problems: list[Problem], eval_path: Path, task: dict | None) -> None:
+    for i, p in enumerate(problems, 1):
+        t = p.extra.get("task")
+        if t is not None and not isinstance(t, str):
+            raise UsageError(f"{eval_path}: problem {i}: 'task' must be a task name (a string), got {type(t).__name__}")
+    if task:
+        other = {p.extra.get("task") for p in problems} - {None, task.get("name")}
+        if other:
+            raise UsageError(f"{eval_path} holds {sorted(other)[0]!r} problems but the checkpoints were trained on {task.get('name')!r}")
+
+
+def skipped_text(report: EncodeReport, total: int) -> str:
+    """'3 of 120 decision points skipped (inside a token: 3)', or '' when none were."""
+    n = sum(report.skipped.values())
+    if not n:
+        return ""
+    reasons = ", ".join(f"{why}: {c}" for why, c in sorted(report.skipped.items()))
+    return f"{n} of {total} decision points skipped ({reasons})"
+
+
+@dataclass
+class RunPlan:
+    """Everything a run needs, checked: nothing is written until a plan exists."""
+
+    records: list[CheckpointRecord]
+    labels: list[str]
+    out: Path
+    eval_path: Path
+    problems: list[Problem]
+    encoded: list[EncodedProblem]
+    report: EncodeReport
+    verifier: Verifier
+    samples: int
+    ks: list[int]
+    strategies: list[str]
+    device: Any
+    dtype: str | None
+    identity: dict[str, Any]
+
+
+def plan_run(checkpoints, out=None, eval=None, samples=None, strategies=None, device=None, k=None, dtype=None,
+             verifier=None, answer_prefix="answer", seed=0, n_boot=1000, probes=True, extra_columns=None) -> RunPlan:
+    """Validate every input of a run and resolve its defaults, writing nothing."""
+    from hooks.strategies import parse_strategy
+    from training.train import pick_device
+
+    records = resolve_checkpoints(checkpoints if not isinstance(checkpoints, (str, Path)) else [checkpoints])
+    _check_same(records)
+    n = DEFAULT_SAMPLES if samples is None else samples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"--samples must be a whole number ≥ 1, got {samples!r}")
+    strategies = [strategies] if isinstance(strategies, str) else list(strategies or [DEFAULT_STRATEGY])
+    strategies = list(dict.fromkeys(str(parse_strategy(s)) for s in strategies))
+    ks = sorted(set(k)) if k else ks_for(n)
+    bad = [x for x in ks if isinstance(x, bool) or not isinstance(x, int) or x > n or x < 1]
+    if bad:
+        raise UsageError(f"k={bad[0]} is not in 1..n={n} samples: ask for k ≤ n or draw more samples (--samples)")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise UsageError(f"n_boot must be a whole number ≥ 1, got {n_boot!r}")
+    dev = pick_device(device)
+    if dtype is not None:
+        from hooks.hf import parse_dtype
+
+        parse_dtype(dtype)
+        native = [r.path for r in records if r.format == "native"]
+        if native and dtype != "float32":
+            raise UsageError(f"--dtype {dtype} applies to Hugging Face checkpoints; native ones run in float32 ({native[0]})")
+    eval_path = Path(eval) if eval else eval_from_meta(records)
+    problems = read_jsonl(eval_path)
+    if not problems:
+        raise UsageError(f"{eval_path} holds no problems")
+    task = next((r.task for r in records if r.task), None)
+    _check_eval_tasks(problems, eval_path, task)
+    verify = verifier_for(verifier, task, answer_prefix)
+    encoded, report = encode_problems(records[0].tokenizer, problems)
+    if not encoded:
+        raise UsageError(f"no problem of {eval_path} could be encoded with {records[0].path}'s tokenizer ({report.to_dict()})")
+    total = sum(len(p.decision_points) for p in problems)
+    if total and not any(e.forks for e in encoded):
+        raise UsageError(f"every decision point of {eval_path} was skipped with {records[0].path}'s tokenizer "
+                         f"({skipped_text(report, total)}); check the annotations' char offsets and branches")
+    longest = max(len(e.ids) for e in encoded)
+    for rec in records:
+        if rec.n_ctx and longest > rec.n_ctx:
+            raise UsageError(f"{eval_path} has sequences of {longest} tokens, longer than {rec.path}'s context {rec.n_ctx}")
+    identity = {
+        "eval_sha256": sha256_file(eval_path),
+        "samples": n,
+        "strategies": strategies,
+        "k": ks,
+        "seed": seed,
+        "verifier": verify.spec,
+        "answer_prefix": answer_prefix if verify.spec == "exact" else None,
+        "tokenizer": records[0].tokenizer_fingerprint,
+        "dtype": dtype or "float32",
+        "device": dev.type,
+        "n_boot": n_boot,
+        "probes": bool(probes),
+        "columns": dict(extra_columns or {}),
+    }
+    labels = iter_labels(records)
+    clash = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if clash:
+        raise UsageError(f"two checkpoints would both be labelled {clash[0]!r} (same run and directory names); "
+                         "measure them into separate --out directories")
+    return RunPlan(records, labels, Path(out) if out else default_out(records), eval_path, problems,
+                   encoded, report, verify, n, ks, strategies, dev, dtype, identity)
 
 
 def run(
@@ -129,98 +214,47 @@ def run(
     """Measure checkpoints (native or Hugging Face directories, paths or globs) on an eval set.
 
     Returns the tidy table (also saved under ``out``). ``extra_columns`` are constant columns
-    added to every row (sweeps use it for task, prevalence, policy, seed).
+    added to every row (sweeps use it for task, prevalence, policy, seed). ``force`` measures
+    finished checkpoints again, and lets a directory measured under other settings be replaced.
     """
-    from hooks.strategies import parse_strategy
-    from training.train import pick_device
-
-    paths = resolve_checkpoints(checkpoints if not isinstance(checkpoints, (str, Path)) else [checkpoints])
-    infos = [describe(p) for p in paths]
-    _check_same(paths, infos)
-    n = DEFAULT_SAMPLES if samples is None else samples
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UsageError(f"--samples must be a whole number ≥ 1, got {samples!r}")
-    strategies = [strategies] if isinstance(strategies, str) else list(strategies or [DEFAULT_STRATEGY])
-    strategies = [str(parse_strategy(s)) for s in strategies]
-    ks = sorted(set(k)) if k else ks_for(n)
-    bad = [x for x in ks if x > n or x < 1]
-    if bad:
-        raise UsageError(f"k={bad[0]} is not in 1..n={n} samples: ask for k ≤ n or draw more samples (--samples)")
-    dev = pick_device(device)
-    eval_path = Path(eval) if eval else _eval_from_meta(paths, infos)
-    problems = read_jsonl(eval_path)
-    if not problems:
-        raise UsageError(f"{eval_path} holds no problems")
-    eval_sha = sha256_file(eval_path)
-    task = next((i["task"] for i in infos if i["task"]), None)
-    if task:
-        other = {p.extra.get("task") for p in problems} - {None, task.get("name")}
-        if other:
-            raise UsageError(f"{eval_path} holds {sorted(other)[0]!r} problems but the checkpoints were trained on {task.get('name')!r}")
-    verify, verifier_name = _verifier(verifier, answer_prefix, infos)
-
-    out = Path(out) if out else _default_out(paths)
-    identity = {
-        "eval_sha256": eval_sha,
-        "samples": n,
-        "strategies": strategies,
-        "k": ks,
-        "seed": seed,
-        "verifier": verifier_name,
-        "tokenizer": infos[0]["tokenizer"],
-    }
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        old = read_json(manifest_path)
-        if old.get("identity") != identity:
-            diff = [key for key in identity if old.get("identity", {}).get(key) != identity[key]]
-            raise UsageError(
-                f"{out} holds another run's results ({', '.join(diff)} differ); choose another --out or delete it"
-            )
-        manifest = old
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} exists and is not a results directory; choose another --out")
-    else:
-        manifest = {"identity": identity, "checkpoints": {}, "timings": {}}
-    try:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {out}: {e.strerror}") from None
-
-    labels = _labels(paths)
+    plan = plan_run(checkpoints, out=out, eval=eval, samples=samples, strategies=strategies, device=device, k=k,
+                    dtype=dtype, verifier=verifier, answer_prefix=answer_prefix, seed=seed, n_boot=n_boot,
+                    probes=probes, extra_columns=extra_columns)
+    results = ResultsDir.open(plan.out, plan.identity, force=force)
+    total = sum(len(p.decision_points) for p in plan.problems)
+    skipped = skipped_text(plan.report, total)
+    if skipped:
+        log(f"{plan.eval_path.name}: {skipped}")
     frames: dict[str, pd.DataFrame] = {}
-    encoded = None
-    report = None
-    for path, label, info in zip(paths, labels, infos):
-        part = out / "checkpoints" / f"{label}.parquet"
-        if part.is_file() and not force:
-            frames[label] = pd.read_parquet(part)
+    for rec, label in zip(plan.records, plan.labels):
+        done = results.part_identity(label)
+        if done is not None and not force:
+            if done.get("identity") != rec.identity or done.get("settings") != results.settings_hash:
+                raise UsageError(
+                    f"{plan.out} already holds a measurement named {label} of another checkpoint "
+                    f"({done.get('path')}; weights, config or meta.json differ from {rec.path}: replaced in place, "
+                    "or another run's); pass --force to measure it again, or choose another --out")
+            frames[label] = results.read_part(label)
             log(f"{label}: already measured, skipped (--force measures it again)")
             continue
         t0 = time.perf_counter()
-        model = load(path, device=dev, dtype=dtype)
-        if encoded is None:
-            encoded, report = encode_problems(model.tokenizer, problems)
-            if not encoded:
-                raise UsageError(f"no problem of {eval_path} could be encoded with {path}'s tokenizer")
-            longest = max(len(p.ids) for p in encoded)
-            if getattr(model, "n_ctx", None) and longest > model.n_ctx:
-                raise UsageError(f"{eval_path} has sequences of {longest} tokens, longer than the model's context {model.n_ctx}")
-        where = {"checkpoint": label, "phase": model.phase, "step": model.step, "format": model.format,
+        model = load(rec, device=plan.device, dtype=plan.dtype, progress=progress)
+        where = {"checkpoint": label, "phase": rec.phase, "step": rec.step, "format": rec.format,
                  **(extra_columns or {})}
-        rows = measure_checkpoint(model, encoded, verify, strategies, n, ks, seed, label, where, batch_size,
-                                  n_boot, probes, progress)
+        rows = measure_checkpoint(model, plan.encoded, plan.verifier, plan.strategies, plan.samples, plan.ks, seed,
+                                  label, where, batch_size, n_boot, probes, progress)
         df = to_frame(rows)
-        atomic_write(part, lambda tmp: df.to_parquet(tmp, index=False))
-        frames[label] = df
         seconds = time.perf_counter() - t0
-        manifest["checkpoints"][label] = {"path": str(path.resolve()), "format": model.format, "phase": model.phase,
-                                          "step": model.step, "meta": info["meta"]}
-        manifest["timings"][label] = round(seconds, 2)
-        _write_table(out, frames, manifest, paths, infos, eval_path, report, labels)
-        log(summary_line(df, label, model.step, strategies[0], seconds))
+        info = {"identity": rec.identity, "path": str(rec.path.resolve()), "format": rec.format, "phase": rec.phase,
+                "step": rec.step}
+        results.write_part(label, df, info)
+        frames[label] = df
+        results.manifest["checkpoints"][label] = {**info, "meta": rec.meta}
+        results.manifest["timings"][label] = round(seconds, 2)
+        _write_table(results, frames, plan)
+        log(summary_line(df, label, rec.step, plan.strategies[0], seconds) + (f"; {skipped}" if skipped else ""))
         del model
-    return _write_table(out, frames, manifest, paths, infos, eval_path, report, labels)
+    return _write_table(results, frames, plan)
 
 
 def measure_checkpoint(model, encoded, verify, strategies, n, ks, seed, label, where, batch_size=64,
@@ -286,33 +320,16 @@ def summary_line(df: pd.DataFrame, label: str, step: int, strategy: str, seconds
     )
 
 
-def _write_table(out: Path, frames: dict[str, pd.DataFrame], manifest: dict, paths, infos, eval_path, report, labels) -> pd.DataFrame:
-    order = [lab for lab in labels if lab in frames] + sorted(set(frames) - set(labels))
-    old_parts = sorted(p.stem for p in (out / "checkpoints").glob("*.parquet"))
-    for stem in old_parts:  # results of checkpoints measured by an earlier call stay in the table
-        if stem not in frames:
-            frames[stem] = pd.read_parquet(out / "checkpoints" / f"{stem}.parquet")
-            order.append(stem)
-    df = pd.concat([frames[lab] for lab in order], ignore_index=True) if frames else to_frame([])
-    df = df.sort_values(["phase", "step", "checkpoint"], key=lambda s: s.map({"pretrain": 0, "sft": 1}).fillna(2) if s.name == "phase" else s, kind="stable").reset_index(drop=True)
-    atomic_write(out / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
-    atomic_write(out / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
-    manifest["eval"] = {"path": str(Path(eval_path).resolve()), "sha256": manifest["identity"]["eval_sha256"],
-                        **(report.to_dict() if report is not None else manifest.get("eval", {}))}
-    first_exp = next((i.get("experiment") for i in infos if i.get("experiment")), None)
+def _write_table(results: ResultsDir, frames: dict[str, pd.DataFrame], plan: RunPlan) -> pd.DataFrame:
+    total = sum(len(p.decision_points) for p in plan.problems)
+    extra = {
+        "eval": {"path": str(plan.eval_path.resolve()), "sha256": plan.identity["eval_sha256"],
+                 "decision_points": total, **plan.report.to_dict()},
+        "seeds": {"run": plan.identity["seed"], "bootstrap/probes/sampling": "crc32 of (seed, checkpoint or strategy)"},
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+    }
+    first_exp = next((r.experiment for r in plan.records if r.experiment), None)
     if first_exp:
-        manifest["config"] = first_exp
-    manifest["seeds"] = {"run": manifest["identity"]["seed"], "bootstrap/probes/sampling": "crc32 of (seed, checkpoint or strategy)"}
-    manifest["versions"] = versions()
-    manifest["command"] = " ".join(sys.argv)
-    write_json(out / "manifest.json", manifest)
-    return df
-
-
-def load_results(results_dir: str | Path) -> pd.DataFrame:
-    """The tidy table of a results directory, with the same dtypes ``run`` returned."""
-    d = Path(results_dir)
-    f = d / "results.parquet" if d.is_dir() else d
-    if not f.is_file():
-        raise UsageError(f"no results.parquet in {d}; run 'probes run --checkpoints ... --out {d}' first")
-    return to_frame(pd.read_parquet(f).to_dict("records"))
+        extra["config"] = first_exp
+    return results.write_table(frames, extra)

@@ -169,8 +169,11 @@ def test_tokenizer_ids_fingerprint_and_pad_fallback():
 
 
 def test_load_dispatch_meta_phase_step_and_no_network(tmp_path, monkeypatch):
-    from hooks.hf import hf_phase_step
     from hooks.load import load
+    from training.phases import phase_step
+
+    def hf_phase_step(path, meta):
+        return phase_step(path.name, meta, native=False)
 
     def refuse(*args, **kwargs):
         raise AssertionError("tried to open a network connection")
@@ -260,8 +263,7 @@ def test_probes_run_end_to_end_on_hf_directories(tmp_path):
     df = run(checkpoints=[base, sft], eval=tmp_path / "eval.jsonl", samples=4, verifier="exact",
              out=tmp_path / "results", progress=False, log=lambda s: None)
     assert set(df["checkpoint"]) == {"gpt2-base", "gpt2-sft-100"}
-    if "format" in df.columns:
-        assert (df["format"] == "hf").all()
+    assert (df["format"] == "hf").all()
     info = df.groupby("checkpoint")[["phase", "step"]].first().to_dict("index")
     assert info == {"gpt2-base": {"phase": "base", "step": 0}, "gpt2-sft-100": {"phase": "sft", "step": 100}}
 

@@ -68,7 +68,7 @@ def test_logit_lens_last_layer_is_the_model_output(tiny_run):
 
 
 def test_rerun_skips_finished_and_kill_resume_gives_same_table(tiny_run, tmp_path, monkeypatch):
-    import probes.run as run_mod
+    import probes.runner as run_mod
 
     ckpts = [str(tiny_run / "checkpoints" / "sft-step00000[03]"), str(tiny_run / "checkpoints" / "sft-step000020")]
     full = run_mod.run(ckpts, out=tmp_path / "full", samples=4, **QUIET)
@@ -102,7 +102,7 @@ def test_rerun_skips_finished_and_kill_resume_gives_same_table(tiny_run, tmp_pat
 
 
 def test_same_seed_same_numbers(tiny_run, tmp_path):
-    from probes.run import run
+    from probes.runner import run
 
     a = run([str(tiny_run / "checkpoints" / "sft-step000020")], out=tmp_path / "a", samples=4, **QUIET)
     b = run([str(tiny_run / "checkpoints" / "sft-step000020")], out=tmp_path / "b", samples=4, **QUIET)
@@ -144,7 +144,7 @@ def test_bad_run_input(tiny_run, tmp_path, tiny_results):
     # an existing --out with another run's results: refused, nothing overwritten
     out, _ = tiny_results
     before = (out / "results.parquet").read_bytes()
-    _one_line_exit_2(_cli("run", "--checkpoints", ck, "--samples", "4", "--out", str(out)), "another run's results")
+    _one_line_exit_2(_cli("run", "--checkpoints", ck, "--samples", "4", "--out", str(out)), "measured with other settings (samples 8 -> 4")
     assert (out / "results.parquet").read_bytes() == before
     _one_line_exit_2(_cli("run", "--checkpoints", ck, "--strategy", "hot:3"), "strategy")
 

@@ -127,4 +127,5 @@ def test_verifier_for_falls_back_to_the_task():
     with pytest.raises(UsageError, match="--verifier"):
         verifier_for(None, {})
     task = get_task({"name": task_names()[0]})
-    assert verifier_for(None, task.config_dict()).__func__ is type(task).verify
+    v = verifier_for(None, task.config_dict())
+    assert v.spec == f"task:{task.name}" and v._fn.__func__ is type(task).verify

@@ -17,14 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from training.errors import UsageError
 from training.io import read_json, write_json
+from training.phases import NATIVE_NAME as NAME
+from training.phases import series_key
 
 FORMAT = "fork-probes-native"
-NAME = re.compile(r"^(?P<phase>[a-z]+)-step(?P<step>\d{6,})$")
-PHASE_ORDER = {"pretrain": 0, "base": 0, "sft": 1}
+_PARTIAL = re.compile(r"^\..+-step\d{6,}\..+$")
+"""Temporary directories ``save_checkpoint`` writes before its rename: left behind only by a kill."""
 
 
 def checkpoint_name(phase: str, step: int) -> str:
@@ -74,13 +77,80 @@ def save_checkpoint(
 
 
 def is_native_checkpoint(path: str | Path) -> bool:
+    """Whether a directory claims to be a native checkpoint (config.json with our format tag).
+
+    A claim, not a validation: :func:`read_config` and :func:`read_weights` say what is wrong
+    with a directory that claims it but is broken.
+    """
     p = Path(path)
-    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+    if not (p / "config.json").is_file():
         return False
     try:
-        return read_json(p / "config.json").get("format") == FORMAT
+        cfg = read_json(p / "config.json")
     except (ValueError, OSError):
         return False
+    return isinstance(cfg, dict) and cfg.get("format") == FORMAT
+
+
+def read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is one line naming the file."""
+    try:
+        obj = read_json(path)
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text; {fix}") from None
+    except ValueError as e:
+        raise UsageError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path} must hold a JSON object ({what}), not a {type(obj).__name__}; {fix}")
+    return obj
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A native checkpoint's config.json, checked for the parts every reader needs."""
+    p = Path(path)
+    fix = "the checkpoint is damaged: re-save it (or train it again)"
+    cfg = read_json_object(p / "config.json", "model, tokenizer, task", fix)
+    for key in ("model", "tokenizer"):
+        if not isinstance(cfg.get(key), dict):
+            raise UsageError(f"{p / 'config.json'} has no {key!r} object; {fix}")
+    return cfg
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """meta.json as a dict ({} when the directory has none)."""
+    f = Path(path) / "meta.json"
+    if not f.is_file():
+        return {}
+    return read_json_object(f, "phase, step, ...", "fix or delete meta.json")
+
+
+def check_safetensors(path: str | Path) -> list[str]:
+    """The tensor names of a safetensors file, after checking its header covers the whole file.
+
+    Reads the header only (no tensor data), so a truncated or corrupt file is refused before
+    anything is measured or written.
+    """
+    f = Path(path)
+    if not f.is_file():
+        raise UsageError(f"no weights file {f.name} in {f.parent}")
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            return list(st.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0]}): truncated or corrupt; "
+                         "re-save the checkpoint") from None
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """model.safetensors of a native checkpoint (tensors only: loading can never run code)."""
+    f = Path(path) / "model.safetensors"
+    check_safetensors(f)
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0]}); re-save the checkpoint") from None
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
@@ -90,14 +160,56 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], d
         raise UsageError(f"{p} is not a checkpoint directory")
     if not is_native_checkpoint(p):
         raise UsageError(f"{p} is not a fork-probes checkpoint (needs config.json with format {FORMAT!r} and model.safetensors)")
-    config = read_json(p / "config.json")
-    meta = read_json(p / "meta.json") if (p / "meta.json").is_file() else {}
-    return config, meta, load_file(str(p / "model.safetensors"))
+    return read_config(p), read_meta(p), read_weights(p)
+
+
+def non_finite(weights: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+    """How many NaN/Inf values the floating-point tensors hold, and the names of the tensors holding them."""
+    count, names = 0, []
+    for name, t in weights.items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                count += bad
+                names.append(name)
+    return count, names
+
+
+def check_finite(weights: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights with NaN or Inf: every number measured from them would be meaningless."""
+    count, names = non_finite(weights)
+    if count:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UsageError(f"{where}: {count} non-finite (NaN or Inf) weight values in {shown}; "
+                         "this checkpoint cannot be measured (did training diverge?)")
 
 
 def read_train_state(path: str | Path) -> dict[str, Any] | None:
+    """Optimizer state for resuming, read with ``weights_only=True``: tensors and plain data only."""
     f = Path(path) / "train_state.pt"
-    return torch.load(f, weights_only=True) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        state = torch.load(f, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError...: anything but a tensor file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{f} is not a fork-probes train state ({type(e).__name__}: {first[:120]}); it is refused "
+                         "unread: delete that checkpoint directory to resume from the one before it") from None
+    if not isinstance(state, dict) or not {"optimizer", "step", "tokens_seen"} <= set(state):
+        raise UsageError(f"{f} is not a fork-probes train state (needs optimizer, step, tokens_seen); "
+                         "delete that checkpoint directory to resume from the one before it")
+    return state
+
+
+def remove_partial(ckpt_dir: str | Path) -> list[Path]:
+    """Delete the temporary directories a killed ``save_checkpoint`` left; returns what it removed."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    gone = [p for p in d.iterdir() if p.is_dir() and _PARTIAL.match(p.name)]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def list_checkpoints(ckpt_dir: str | Path, phase: str | None = None) -> list[tuple[str, int, Path]]:
@@ -110,4 +222,4 @@ def list_checkpoints(ckpt_dir: str | Path, phase: str | None = None) -> list[tup
         m = NAME.match(p.name)
         if m and p.is_dir() and (phase is None or m["phase"] == phase) and is_native_checkpoint(p):
             out.append((m["phase"], int(m["step"]), p))
-    return sorted(out, key=lambda t: (PHASE_ORDER.get(t[0], 9), t[1]))
+    return sorted(out, key=lambda t: series_key(t[0], t[1], t[2].name))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,11 @@ from typing import Any
 
 from training.errors import UsageError
 from training.schema import KINDS
+
+ACT_FNS = ("gelu", "gelu_new", "relu", "silu", "swish", "solu", "solu_ln")
+"""Activations the TL-native model builds (its own table; tests/test_config.py holds them equal)."""
+NORMALIZATION_TYPES = ("LN", "LNPre", "RMS", "RMSPre")
+POSITIONAL_EMBEDDINGS = ("standard", "rotary")
 
 
 @dataclass
@@ -161,6 +167,8 @@ def _set(cfg: ExperimentConfig, key: str, value: Any) -> None:
     if isinstance(current, bool) or isinstance(current, (int, float)):
         if isinstance(value, bool) != isinstance(current, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"config key {key} takes a {type(current).__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"config key {key} must be a finite number, got {value!r}")
         if isinstance(current, int) and not isinstance(current, bool):
             if isinstance(value, float) and not value.is_integer():
                 raise UsageError(f"config key {key} takes a whole number, got {value!r}")
@@ -204,6 +212,10 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UsageError(f"model.embed_init_std must be ≥ 0, got {m.embed_init_std}")
     if m.n_ctx < 0:
         raise UsageError(f"model.n_ctx must be ≥ 0 (0 = the task's longest sequence), got {m.n_ctx}")
+    for name, allowed in (("act_fn", ACT_FNS), ("normalization_type", NORMALIZATION_TYPES),
+                          ("positional_embedding_type", POSITIONAL_EMBEDDINGS)):
+        if getattr(m, name) not in allowed:
+            raise UsageError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(m, name)!r}")
     for phase in ("pretrain", "sft"):
         p: PhaseConfig = getattr(cfg, phase)
         for name in ("batch_size",):

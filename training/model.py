@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from training.config import ModelConfig
+from training.errors import UsageError
 
 
 def bridge_config_dict(model: ModelConfig, d_vocab: int, n_ctx: int, seed: int) -> dict[str, Any]:
@@ -66,3 +67,21 @@ def build_native(
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Load a checkpoint's weights into ``module``, every parameter accounted for.
+
+    Only derived buffers (attention masks, cached rotary tables) may be absent from the file; a
+    missing or unexpected tensor, or one whose shape differs from the config's, is a user error
+    naming the checkpoint.
+    """
+    try:
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a shape that does not match the config
+        lines = [ln.strip() for ln in str(e).strip().splitlines()]
+        detail = next((ln for ln in lines if "size mismatch" in ln), lines[-1] if lines else "")
+        raise UsageError(f"{where}: weights do not match its config.json ({detail[:160]})") from None
+    missing = [k for k in missing if "mask" not in k and "cached" not in k]
+    if missing or unexpected:
+        raise UsageError(f"{where}: weights do not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -17,7 +17,7 @@ import numpy as np
 
 from training.config import DataConfig, ExperimentConfig
 from training.errors import UsageError
-from training.io import read_json, sha256_file, sha256_json, write_json
+from training.io import atomic_write, read_json, sha256_file, sha256_json, write_json
 from training.schema import KINDS, Problem, write_jsonl
 from training.tasks import get_task
 from training.tasks.base import Task
@@ -118,8 +118,9 @@ def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print, eval_from:
     """Write ``pretrain.jsonl``, ``sft.jsonl``, ``eval.jsonl`` and ``manifest.json``; reuse if done.
 
     With ``eval_from`` (an SFT run on a shared base model) only the SFT corpus is made: the eval set
-    is the base run's, checked to share no problem with this SFT corpus, and no pretraining corpus
-    is written.
+    is the base run's, checked to share no problem with this SFT corpus and copied into this run's
+    data directory (so every checkpoint's eval set lies inside its own run), and no pretraining
+    corpus is written.
     """
     out_dir = Path(out_dir)
     recipe = data_recipe(cfg)
@@ -127,8 +128,15 @@ def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print, eval_from:
         recipe["eval_from"] = sha256_file(eval_from)
     manifest_path = out_dir / "manifest.json"
     if manifest_path.is_file():
-        old = read_json(manifest_path)
+        try:
+            old = read_json(manifest_path)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"{manifest_path} is not valid JSON ({e}); delete {out_dir} to make the data again") from None
+        if not isinstance(old, dict) or not isinstance(old.get("files"), dict):
+            raise UsageError(f"{manifest_path} is not a fork-probes data manifest; delete {out_dir} to make the data again")
         if old.get("recipe") == recipe and all((out_dir / f).is_file() for f in old["files"]):
+            if eval_from is not None:
+                _copy_eval(Path(eval_from), out_dir / "eval.jsonl")
             return old
         raise UsageError(
             f"{out_dir} holds data made with another recipe; use another --out or delete {out_dir}"
@@ -145,11 +153,12 @@ def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print, eval_from:
     else:
         from training.schema import read_jsonl
 
-        eval_path = Path(eval_from).resolve()
-        eval_keys = {task.key(p) for p in read_jsonl(eval_path)}
+        source = Path(eval_from).resolve()
+        eval_keys = {task.key(p) for p in read_jsonl(source)}
         if any(task.key(p) in eval_keys for p in sft):
-            raise UsageError(f"the SFT corpus shares problems with {eval_path}; use another seed")
+            raise UsageError(f"the SFT corpus shares problems with {source}; use another seed")
         corpora = (("sft", sft),)
+        eval_path = _copy_eval(source, out_dir / "eval.jsonl")
     files = {}
     for name, problems in corpora:
         path = write_jsonl(out_dir / f"{name}.jsonl", problems)
@@ -159,9 +168,18 @@ def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print, eval_from:
             "prevalence": prevalence(problems),
         }
     manifest = {"recipe": recipe, "files": files, "sft_mix": sft_mix(cfg.data),
-                "eval": {"path": str(eval_path.resolve() if eval_from else "eval.jsonl"), "sha256": sha256_file(eval_path)}}
+                "eval": {"path": "eval.jsonl", "sha256": sha256_file(eval_path),
+                         **({"copied_from": str(Path(eval_from).resolve())} if eval_from else {})}}
     manifest["hash"] = sha256_json(manifest)
     write_json(manifest_path, manifest)
     counts = ", ".join(f"{f['count']} {name[: -len('.jsonl')]}" for name, f in files.items())
     log(f"data: {counts} problems -> {out_dir} ({time.perf_counter() - t0:.0f}s)")
     return manifest
+
+
+def _copy_eval(source: Path, dest: Path) -> Path:
+    """A byte-identical copy of a shared eval set (same sha256, so tables from both runs join)."""
+    if not dest.is_file() or sha256_file(dest) != sha256_file(source):
+        data = source.read_bytes()
+        atomic_write(dest, lambda tmp: tmp.write_bytes(data))
+    return dest

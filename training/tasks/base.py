@@ -12,6 +12,24 @@ from training.schema import Problem
 from training.tokenizer import WordTokenizer
 
 
+def _check_type(key: str, value: Any, default: Any) -> None:
+    """A task size must have its default's type (a list of whole numbers where the default is one)."""
+    def ok(v: Any, like: Any) -> bool:
+        if isinstance(like, bool):
+            return isinstance(v, bool)
+        if isinstance(like, int):
+            return isinstance(v, int) and not isinstance(v, bool)
+        if isinstance(like, float):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        if isinstance(like, list):
+            return isinstance(v, list) and all(ok(x, like[0]) for x in v) if like else isinstance(v, list)
+        return isinstance(v, type(like))
+
+    if not ok(value, default):
+        kind = f"a list like {default}" if isinstance(default, list) else f"a {type(default).__name__} like {default!r}"
+        raise UsageError(f"config key {key} takes {kind}, got {value!r}")
+
+
 class Task:
     """A family of problems. Subclasses set ``name`` and ``Config`` (a dataclass of sizes)."""
 
@@ -29,6 +47,10 @@ class Task:
             raise UsageError(
                 f"unknown key task.{unknown[0]} for task {cls.name!r}; known: {', '.join(sorted(fields))}"
             )
+        defaults = cls.Config()
+        for f in dataclasses.fields(cls.Config):
+            if f.name in d:
+                _check_type(f"task.{f.name}", d[f.name], getattr(defaults, f.name))
         cfg = cls.Config(**{k: v for k, v in d.items() if k != "name"})
         cls.validate(cfg)
         return cls(cfg)
