@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from analysis.metrics import branch_mass, entropy, kl, mass_top_branch, mass_valid, renormalised
+from analysis.metrics import branch_mass, entropy, kl, mass_top_branch, mass_valid
 from hooks.distributions import unusable
 from analysis.passk import bootstrap_mean_ci, ks_for, pass_at_k_array
 from analysis.table import KINDS, row

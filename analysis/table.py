@@ -13,10 +13,11 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-KINDS = ("indecipherable", "decipherable", "multi-valid")
-"""Decision-point kinds, as in DESIGN.md; rows also use ``all`` for every kind pooled."""
+from training.schema import KINDS  # the decision-point kinds of DESIGN.md: one definition
+
 
 ALL_KINDS = KINDS + ("all",)
+"""Rows use ``all`` for every kind pooled."""
 
 COLUMNS = (
     "checkpoint",  # checkpoint directory name, e.g. "sft-step000400"

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from training.errors import UsageError
-from training.io import atomic_write, write_json
+from training.io import atomic_write, remove_temporaries, write_json
 
 
 @dataclass
@@ -187,15 +187,16 @@ def sweep(
     for t in tasks:
         if t not in task_names():
             raise UsageError(f"unknown task {t!r}; known: {', '.join(task_names())}")
+    threads = 1
+    t0 = time.perf_counter()
+    for t in tasks:  # fail fast on a bad override before any process starts or anything is written
+        _task_config(t, cfg.seeds[0], cfg.overrides, [])
     root = Path(out)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot write to --out {root}: {e.strerror}") from None
-    threads = 1
-    t0 = time.perf_counter()
-    for t in tasks:  # fail fast on a bad override before any process starts
-        _task_config(t, cfg.seeds[0], cfg.overrides, [])
+    remove_temporaries(root)  # what a kill during a table write leaves
 
     base_jobs = [(t, s, cfg.overrides, str(root), device, threads) for t in tasks for s in cfg.seeds]
     bases = dict(zip([(t, s) for t, s, *_ in base_jobs], _map(_base_job, base_jobs, workers, log, "base models", progress)))

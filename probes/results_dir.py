@@ -11,6 +11,7 @@ fresh measurement or a clear error, never a silent reuse.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 from analysis.table import to_frame
 from training.checkpoint import read_json_object
 from training.errors import UsageError
-from training.io import atomic_write, sha256_json, write_json
+from training.io import atomic_write, is_temporary, remove_temporaries, sha256_json, write_json
 from training.phases import series_key
 
 _META_KEY = b"fork_probes"
@@ -42,10 +43,12 @@ def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 class ResultsDir:
     """One results directory under one set of measurement settings (its *identity*)."""
 
-    def __init__(self, root: Path, identity: dict[str, Any], manifest: dict[str, Any]):
+    def __init__(self, root: Path, identity: dict[str, Any], manifest: dict[str, Any], reset: bool):
         self.root = root
         self.identity = identity
         self.manifest = manifest
+        self._reset = reset
+        self._ready = False
 
     @property
     def parts(self) -> Path:
@@ -58,17 +61,20 @@ class ResultsDir:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, root: str | Path, identity: dict[str, Any], force: bool = False) -> "ResultsDir":
-        """Open or create ``root`` for these settings; refuse what would mix or overwrite results.
+        """Check ``root`` for these settings, writing nothing; refuse what would mix or overwrite results.
 
         A directory whose manifest records other settings is refused while it holds finished
-        parts (``force`` discards them); one that holds none (a run that failed before finishing
-        a checkpoint) is taken over. Temporary files a kill left behind are removed.
+        parts (``force`` discards them, but only once the first new part is ready); one that
+        holds none (a run that failed before finishing a checkpoint) is taken over. Nothing is
+        written until the first checkpoint is measured, so a mistake found while loading or
+        measuring it leaves ``root`` as it was.
         """
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise UsageError(f"--out {root} is a file; give a directory for the results")
         manifest_path = root / "manifest.json"
         fresh = {"identity": identity, "checkpoints": {}, "timings": {}}
+        reset = False
         if manifest_path.is_file():
             old = read_json_object(manifest_path, "a results manifest", f"delete {root} or choose another --out")
             if not isinstance(old.get("identity"), dict):
@@ -80,31 +86,40 @@ class ResultsDir:
                     raise UsageError(
                         f"{root} holds results measured with other settings ({settings_diff(old['identity'], identity)}); "
                         "choose another --out, or pass --force to discard them and measure again")
-                cls._clear(root)
-                manifest = fresh
+                reset, manifest = True, fresh
             else:
                 manifest = {**fresh, **old, "identity": identity}
         elif root.exists() and not cls._only_leftovers(root):
             raise UsageError(f"{root} exists and is not a results directory (no manifest.json); choose another --out")
         else:
             manifest = fresh
+        writable = root if root.exists() else next((p for p in root.parents if p.exists()), Path("."))
+        if not os.access(writable, os.W_OK):
+            raise UsageError(f"cannot write to --out {root}: permission denied")
+        return cls(root, identity, manifest, reset)
+
+    def _ensure(self) -> None:
+        """Before the first write: clear what other settings left (if so), create the layout, drop temporaries."""
+        if self._ready:
+            return
+        if self._reset:
+            self._clear(self.root)
+            self._reset = False
         try:
-            (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            self.parts.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"cannot write to --out {root}: {e.strerror}") from None
-        cls._remove_temporaries(root)
-        out = cls(root, identity, manifest)
-        write_json(manifest_path, manifest)
-        return out
+            raise UsageError(f"cannot write to --out {self.root}: {e.strerror}") from None
+        self._remove_temporaries(self.root)
+        write_json(self.root / "manifest.json", self.manifest)
+        self._ready = True
 
     @staticmethod
     def _only_leftovers(root: Path) -> bool:
         """An empty directory, or one holding only what a killed first run leaves (temp files, checkpoints/)."""
         for p in root.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
+            if is_temporary(p):
                 continue
-            if p.name == "checkpoints" and p.is_dir() and all(
-                    q.name.startswith(".") and q.name.endswith(".tmp") for q in p.iterdir()):
+            if p.name == "checkpoints" and p.is_dir() and all(is_temporary(q) for q in p.iterdir()):
                 continue
             return False
         return True
@@ -112,8 +127,7 @@ class ResultsDir:
     @staticmethod
     def _remove_temporaries(root: Path) -> None:
         for d in (root, root / "checkpoints"):
-            for p in d.glob(".*.tmp"):
-                p.unlink(missing_ok=True)
+            remove_temporaries(d)
 
     @staticmethod
     def _clear(root: Path) -> None:
@@ -129,7 +143,7 @@ class ResultsDir:
     def part_identity(self, label: str) -> dict[str, Any] | None:
         """The identity a finished part was measured under (None when it is not there)."""
         f = self.part_path(label)
-        if not f.is_file():
+        if self._reset or not f.is_file():
             return None
         try:
             meta = pq.read_schema(f).metadata or {}
@@ -143,6 +157,7 @@ class ResultsDir:
 
     def write_part(self, label: str, df: pd.DataFrame, checkpoint: dict[str, Any]) -> None:
         """One checkpoint's rows with its identity, atomically: a part is whole or absent."""
+        self._ensure()
         info = {"label": label, "settings": self.settings_hash, **checkpoint}
         table = pa.Table.from_pandas(df, preserve_index=False)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META_KEY: json.dumps(info).encode()})
@@ -157,11 +172,12 @@ class ResultsDir:
                              "delete it (or pass --force) to measure that checkpoint again") from None
 
     def labels(self) -> list[str]:
-        return sorted(p.stem for p in self.parts.glob("*.parquet"))
+        return [] if self._reset else sorted(p.stem for p in self.parts.glob("*.parquet"))
 
     # ------------------------------------------------------------------ table
     def write_table(self, frames: dict[str, pd.DataFrame], extra: dict[str, Any]) -> pd.DataFrame:
         """The combined table of every finished part (this call's and earlier calls'), in series order."""
+        self._ensure()
         for label in self.labels():
             if label not in frames:
                 frames[label] = self.read_part(label)

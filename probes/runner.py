@@ -235,6 +235,7 @@ def run(
                     f"({done.get('path')}; weights, config or meta.json differ from {rec.path}: replaced in place, "
                     "or another run's); pass --force to measure it again, or choose another --out")
             frames[label] = results.read_part(label)
+            results.manifest["checkpoints"].setdefault(label, {**_checkpoint_info(rec), "meta": rec.meta})
             log(f"{label}: already measured, skipped (--force measures it again)")
             continue
         t0 = time.perf_counter()
@@ -245,8 +246,7 @@ def run(
                                   label, where, batch_size, n_boot, probes, progress)
         df = to_frame(rows)
         seconds = time.perf_counter() - t0
-        info = {"identity": rec.identity, "path": str(rec.path.resolve()), "format": rec.format, "phase": rec.phase,
-                "step": rec.step}
+        info = _checkpoint_info(rec)
         results.write_part(label, df, info)
         frames[label] = df
         results.manifest["checkpoints"][label] = {**info, "meta": rec.meta}
@@ -255,6 +255,11 @@ def run(
         log(summary_line(df, label, rec.step, plan.strategies[0], seconds) + (f"; {skipped}" if skipped else ""))
         del model
     return _write_table(results, frames, plan)
+
+
+def _checkpoint_info(rec: CheckpointRecord) -> dict[str, Any]:
+    return {"identity": rec.identity, "path": str(rec.path.resolve()), "format": rec.format, "phase": rec.phase,
+            "step": rec.step}
 
 
 def measure_checkpoint(model, encoded, verify, strategies, n, ks, seed, label, where, batch_size=64,

@@ -274,3 +274,15 @@ def test_probes_run_end_to_end_on_hf_directories(tmp_path):
         assert (rows["value"] == expected).all()  # the scripted model always answers D; noise never does
     ent = df[(df["metric"] == "entropy_fork") & (df["kind"] == "all")].set_index("checkpoint")["value"]
     assert ent["gpt2-sft-100"] < 1e-3 and ent["gpt2-base"] > 5.0  # near log(vocab) for random init
+    assert list(dict.fromkeys(df["checkpoint"])) == ["gpt2-base", "gpt2-sft-100"]  # the base first
+
+    # the report names the base as the base, and puts the base's numbers in the base column
+    from probes.api import figures
+
+    _, _, report = figures(tmp_path / "results", formats=["png"], log=lambda s: None)
+    text = report.read_text()
+    assert "Base: `gpt2-base`" in text and "Final: `gpt2-sft-100`" in text
+    pass1 = passk[passk["k"] == 1].set_index("checkpoint")["value"]
+    row = next(line for line in text.splitlines() if line.startswith("| pass@1 "))
+    assert row.split("|")[2].strip().startswith(f"{pass1['gpt2-base']:.3f}")
+    assert row.split("|")[3].strip().startswith(f"{pass1['gpt2-sft-100']:.3f}")

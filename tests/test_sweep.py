@@ -57,3 +57,27 @@ def test_bad_sweep_input(tmp_path):
     bad.write_text('{"grid": 1}')
     with pytest.raises(UsageError, match="unknown sweep config key"):
         sweep(config=str(bad), out=tmp_path / "o")
+
+
+def test_quick_sweep_resumes_from_a_kill_to_the_same_table(quick_sweep, tmp_path):
+    """A sweep killed part-way (a cell's SFT unfinished and unmeasured, a checkpoint half-saved,
+    a table half-written) and started again ends with the uninterrupted table."""
+    import shutil
+
+    from probes.api import sweep
+
+    out, df = quick_sweep
+    work = tmp_path / "sweep"
+    shutil.copytree(out, work)
+    cell = sorted(p for p in (work / "graph" / "seed0").iterdir() if p.name.startswith("p1.00"))[0]
+    shutil.rmtree(cell / "results")
+    final = sorted((cell / "checkpoints").glob("sft-step*"))[-1]
+    shutil.rmtree(final)  # the cell's training never reached its last step
+    (cell / "checkpoints" / f".{final.name}.killed").mkdir()
+    (work / ".results.parquet.x.tmp").write_bytes(b"half")
+    (work / "results.parquet").unlink()
+    again = sweep(out=work, quick=True, workers=1, progress=False, log=lambda *_: None)
+    pd.testing.assert_frame_equal(df.drop(columns="run"), again.drop(columns="run"))
+    assert list(df["run"]) == list(again["run"])
+    assert not [p for p in (cell / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert not list(work.glob(".*.tmp"))

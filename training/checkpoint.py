@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,9 @@ def read_train_state(path: str | Path) -> dict[str, Any] | None:
     if not f.is_file():
         return None
     try:
-        state = torch.load(f, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing a foreign file
+            warnings.simplefilter("ignore")
+            state = torch.load(f, weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError...: anything but a tensor file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{f} is not a fork-probes train state ({type(e).__name__}: {first[:120]}); it is refused "

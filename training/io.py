@@ -27,6 +27,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether a file is one of :func:`atomic_write`'s temporaries (only a kill leaves one behind)."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries a killed :func:`atomic_write` left in ``directory``; returns them."""
+    d = Path(directory)
+    gone = [p for p in d.glob(".*.tmp") if p.is_file()] if d.is_dir() else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

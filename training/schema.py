@@ -109,8 +109,13 @@ def read_jsonl(path: str | os.PathLike) -> list[Problem]:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[Problem]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                                 "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

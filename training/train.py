@@ -93,9 +93,11 @@ def train_phase(
         step, tokens = int(state["step"]), int(state["tokens_seen"])
     phase_seed = seed * 100 + PHASE_SEED[phase]
     losses: list[float] = []
+    kept = [done[-1][1]] if done else []
 
     def save(at: int) -> None:
         check_finite(module.state_dict(), f"{phase} step {at}")
+        kept[:] = [at]
         save_checkpoint(
             ckpt_dir / checkpoint_name(phase, at),
             module,
@@ -121,10 +123,11 @@ def train_phase(
         loss = completion_loss(module, ids, mask)
         value = loss.item()
         if not math.isfinite(value):
+            where = f"its last checkpoint is step {kept[0]}" if kept else "no checkpoint of it was written"
             raise UsageError(
-                f"{phase} step {step + 1}: the loss is {value} (non-finite): training diverged; lower {phase}.lr "
-                f"(now {cfg.lr:g}) or raise {phase}.warmup, and start over with --force (checkpoints up to step "
-                f"{max([s for s in saves if s <= step] or [0])} are kept)")
+                f"{phase} step {step + 1}: the loss is {value} (non-finite): training diverged ({where}); lower "
+                f"{phase}.lr (now {cfg.lr:g}) or raise {phase}.warmup and run again (with --force once {phase} "
+                "checkpoints exist)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip > 0:
@@ -332,7 +335,13 @@ def _recorded_config(out: Path) -> dict[str, Any] | None:
 
 
 def _claim_run(out: Path, cfg: ExperimentConfig, base: dict[str, Any] | None, force: bool, log) -> None:
-    """Record this run's config, or check a resume against the recorded one."""
+    """Record this run's config, or check a resume against the recorded one.
+
+    With checkpoints written, another config is refused unless ``force``; then what it
+    invalidates is deleted: only the SFT checkpoints when nothing but ``sft.*`` keys differ, else
+    the data and every checkpoint. Before any checkpoint exists nothing depends on the old
+    config, so the new one simply replaces it.
+    """
     import shutil
 
     now = {"experiment": cfg.to_dict(), "base": None if base is None else {k: base[k] for k in ("path", "weights_sha256")}}
@@ -342,13 +351,21 @@ def _claim_run(out: Path, cfg: ExperimentConfig, base: dict[str, Any] | None, fo
         keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(NEUTRAL_KEYS)]
         if (old.get("base") or {}).get("weights_sha256") != (now["base"] or {}).get("weights_sha256"):
             keys.append("--base")
-        if keys and not force:
+        written = list_checkpoints(out / "checkpoints")
+        if keys and written and not force:
             shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" if k != "--base" else "--base" for k in keys[:4])
             more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
             raise UsageError(f"{out} holds a run started with another config: {shown}{more}; use another --out, "
-                             "or --force to delete its data and checkpoints and start over")
-        if keys:
-            log(f"--force: starting {out} over (config differs in {', '.join(keys[:4])})")
-            for sub in ("checkpoints", "data"):
-                shutil.rmtree(out / sub, ignore_errors=True)
+                             "or --force to delete what that change invalidates and train again")
+        if keys and written:
+            if all(k.startswith("sft.") for k in keys):
+                log(f"--force: deleting {out}'s SFT checkpoints ({', '.join(keys[:4])} changed); pretraining is kept")
+                for _, _, p in list_checkpoints(out / "checkpoints", "sft"):
+                    shutil.rmtree(p)
+            else:
+                log(f"--force: starting {out} over ({', '.join(keys[:4])} changed)")
+                for sub in ("checkpoints", "data"):
+                    shutil.rmtree(out / sub, ignore_errors=True)
+        elif keys:
+            shutil.rmtree(out / "data", ignore_errors=True)  # no checkpoint was made from it
     write_json(out / RUN_FILE, now)

@@ -77,10 +77,14 @@ def coverage_curves(df: pd.DataFrame, *, kind: str = "all", strategy: str | None
 
 
 def _sft_axis(df: pd.DataFrame) -> dict[str, int]:
-    """Checkpoint -> SFT step for the base (0) and every SFT checkpoint, in training order."""
+    """Checkpoint -> SFT step for the base (0) and every SFT checkpoint, in training order.
+
+    A base that is only the earliest measured checkpoint (no model before SFT in the table) keeps
+    its own step: drawing SFT step 400 at 0 would misplace the whole curve.
+    """
     info = checkpoint_info(df)
-    base = base_of(info)[0]
-    xs = {base: 0}
+    base, reason = base_of(info)
+    xs = {base: int(info.loc[base, "step"]) if reason == "earliest" else 0}
     for name, r in info.iterrows():
         if name != base and r["phase"] == "sft":
             xs[str(name)] = int(r["step"])

@@ -26,7 +26,8 @@ def _check_type(key: str, value: Any, default: Any) -> None:
         return isinstance(v, type(like))
 
     if not ok(value, default):
-        kind = f"a list like {default}" if isinstance(default, list) else f"a {type(default).__name__} like {default!r}"
+        names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+        kind = f"a list like {default}" if isinstance(default, list) else f"{names.get(type(default), type(default).__name__)} like {default!r}"
         raise UsageError(f"config key {key} takes {kind}, got {value!r}")
 
 
