@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import check_safetensors, is_native_checkpoint, read_config, read_json_object, read_meta
+from training.checkpoint import check_safetensors, is_native_checkpoint, read_config, read_meta
+from training.io import read_json_object
 from training.errors import UsageError
 from training.phases import phase_step
 

@@ -59,7 +59,7 @@ def figures(results: str | Path, out: str | Path | None = None, formats: Sequenc
     """
     from analysis.figures import make_figures
     from analysis.report import write_report
-    from training.checkpoint import read_json_object
+    from training.io import read_json_object
     from training.errors import UsageError
 
     results = Path(results)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.table import to_frame
-from training.checkpoint import read_json_object
+from training.io import read_json_object
 from training.errors import UsageError
 from training.io import atomic_write, is_temporary, remove_temporaries, sha256_json, write_json
 from training.phases import series_key

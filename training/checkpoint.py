@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from training.errors import UsageError
-from training.io import read_json, write_json
+from training.io import read_json, read_json_object, write_json
 from training.phases import NATIVE_NAME as NAME
 from training.phases import series_key
 
@@ -91,21 +91,6 @@ def is_native_checkpoint(path: str | Path) -> bool:
     except (ValueError, OSError):
         return False
     return isinstance(cfg, dict) and cfg.get("format") == FORMAT
-
-
-def read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
-    """A JSON file that must hold an object; anything else is one line naming the file."""
-    try:
-        obj = read_json(path)
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text; {fix}") from None
-    except ValueError as e:
-        raise UsageError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
-    except OSError as e:
-        raise UsageError(f"cannot read {path} ({e.strerror}); {fix}") from None
-    if not isinstance(obj, dict):
-        raise UsageError(f"{path} must hold a JSON object ({what}), not a {type(obj).__name__}; {fix}")
-    return obj
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from training.errors import UsageError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
@@ -59,6 +61,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is one line naming the file."""
+    try:
+        obj = read_json(path)
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text; {fix}") from None
+    except ValueError as e:
+        raise UsageError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path} must hold a JSON object ({what}), not a {type(obj).__name__}; {fix}")
+    return obj
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from training.config import DataConfig, ExperimentConfig
 from training.errors import UsageError
-from training.io import atomic_write, read_json, sha256_file, sha256_json, write_json
+from training.io import atomic_write, read_json_object, sha256_file, sha256_json, write_json
 from training.schema import KINDS, Problem, write_jsonl
 from training.tasks import get_task
 from training.tasks.base import Task
@@ -128,11 +128,8 @@ def build_data(cfg: ExperimentConfig, out_dir: str | Path, log=print, eval_from:
         recipe["eval_from"] = sha256_file(eval_from)
     manifest_path = out_dir / "manifest.json"
     if manifest_path.is_file():
-        try:
-            old = read_json(manifest_path)
-        except (ValueError, OSError) as e:
-            raise UsageError(f"{manifest_path} is not valid JSON ({e}); delete {out_dir} to make the data again") from None
-        if not isinstance(old, dict) or not isinstance(old.get("files"), dict):
+        old = read_json_object(manifest_path, "a data manifest", f"delete {out_dir} to make the data again")
+        if not isinstance(old.get("files"), dict):
             raise UsageError(f"{manifest_path} is not a fork-probes data manifest; delete {out_dir} to make the data again")
         if old.get("recipe") == recipe and all((out_dir / f).is_file() for f in old["files"]):
             if eval_from is not None:

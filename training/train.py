@@ -30,7 +30,7 @@ from training.checkpoint import (
 from training.config import ExperimentConfig, PhaseConfig
 from training.corpus import TokenizedCorpus, batch_indices, load_corpus
 from training.errors import UsageError
-from training.io import read_json, write_json
+from training.io import read_json_object, write_json
 from training.model import bridge_config_dict, build_native, load_weights, n_params
 from training.synth import build_data
 from training.tasks import get_task
@@ -320,11 +320,8 @@ def _recorded_config(out: Path) -> dict[str, Any] | None:
     """The config a run was started with: run.json, else (runs older than it) its latest checkpoint's."""
     f = out / RUN_FILE
     if f.is_file():
-        try:
-            rec = read_json(f)
-        except (ValueError, OSError) as e:
-            raise UsageError(f"{f} is not valid JSON ({e}); delete it, or start over with --force") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("experiment"), dict):
+        rec = read_json_object(f, "a run record", "delete it, or start over with --force")
+        if not isinstance(rec.get("experiment"), dict):
             raise UsageError(f"{f} is not a fork-probes run record; delete it, or start over with --force")
         return rec
     done = list_checkpoints(out / "checkpoints")
