@@ -173,22 +173,10 @@ def fork_rows(cap: ForkCapture, where: dict[str, Any], rng: np.random.Generator,
     return rows
 
 
-def probe_labels(cap: ForkCapture) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Classes for the probes: a branch's rank in its fork's fixed (token-id) order.
-
-    ``taken`` = the branch this checkpoint puts most mass on (every fork); ``valid`` = the one
-    right branch (forks with exactly one valid branch). Returns (item selector, labels).
-    """
-    masked = np.where(cap.branch_mask, cap.mass, -1.0)
-    taken = masked.argmax(axis=1)
-    single = cap.valid_mask.sum(axis=1) == 1
-    valid = cap.valid_mask.argmax(axis=1)
-    return {"taken": (np.ones(len(taken), dtype=bool), taken), "valid": (single, valid)}
-
-
 @dataclass
 class SampleOutcome:
-    """Per problem: n, correct count, first-fork valid count, distinct valid branches covered."""
+    """Per problem: n, correct count, first-fork valid count, distinct valid branches covered,
+    samples that ran out of budget; and every sample, for ``samples.parquet``."""
 
     kind: list[str]
     n: int
@@ -196,6 +184,33 @@ class SampleOutcome:
     fork_valid: np.ndarray
     coverage: np.ndarray
     has_fork: np.ndarray
+    truncated: np.ndarray
+    records: list[dict[str, Any]]
+    """One per problem x sample: problem, sample, kind, text, finished, correct, fork_branch, fork_valid, n_tokens."""
+
+
+def native_budget(problems: Sequence[EncodedProblem], n_ctx: int | None) -> int:
+    """New tokens a native task's samples may take: the longest gold completion (with its EOS) + 2,
+    within the context left after the longest prompt."""
+    budget = max(len(p.ids) - p.prompt_len for p in problems) + 2
+    if n_ctx:
+        budget = min(budget, n_ctx - max(p.prompt_len for p in problems))
+    return max(1, budget)
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """The text before the first stop string, and whether one was found."""
+    at = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return (text[: min(at)], True) if at else (text, False)
+
+
+def _stop_string_check(tok: Any, stop_strings: Sequence[str]):
+    """A sampler stop check: rows whose decoded new tokens contain a stop string."""
+    def check(tokens: Tensor) -> Tensor:
+        return torch.tensor([cut_at_stop(tok.decode_completion(row)[0], stop_strings)[1] for row in tokens.tolist()],
+                            dtype=torch.bool)
+
+    return check
 
 
 def sample_outcomes(
@@ -207,55 +222,61 @@ def sample_outcomes(
     seed: int,
     max_new_tokens: int | None = None,
     batch_size: int | None = None,
+    stop_strings: Sequence[str] = (),
+    reference: Instrumented | None = None,
 ) -> SampleOutcome:
-    """n samples per problem through the KV-cached sampler, verified, with the first fork read.
+    """n samples per problem through the KV-cached sampler (every prompt length in one call),
+    verified, with the first fork read.
 
-    ``batch_size`` rows per sampler chunk: 256 on CPU (as fast as 2048 there, with a lower memory
-    peak), 4096 on CUDA.
+    A sample is scored only when it finished — a stop id (the EOS, or any of the generation
+    config's) or a stop string within ``max_new_tokens`` (default: :func:`native_budget`); one
+    that ran out of budget counts as a failure and as truncated, so a reader sees when pass@k is
+    capped by length. The text a verifier sees ends before the stop. ``batch_size`` rows per
+    sampler chunk: 256 on CPU (as fast as 2048 there, with a lower memory peak), 4096 on CUDA.
     """
     if batch_size is None:
         batch_size = 4096 if model.device.type == "cuda" else 256
-    from hooks.sampler import NonFiniteLogits, sample
+    from hooks.sampler import NonFiniteLogits, generate
 
     tok = model.tokenizer
+    budget = max_new_tokens or native_budget(problems, getattr(model, "n_ctx", None))
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    correct = np.zeros(len(problems), dtype=int)
-    fork_valid = np.zeros(len(problems), dtype=int)
-    coverage = np.zeros(len(problems), dtype=int)
+    stop_check = _stop_string_check(tok, stop_strings) if stop_strings else None
+    prompts = [p.ids[: p.prompt_len] for p in problems]
+    try:
+        out = generate(model.stepper(), prompts, n, budget, sorted(tok.stop_ids), tok.pad_id, strategy, gen,
+                       batch_size=batch_size, stop_check=stop_check,
+                       reference=reference.stepper() if reference is not None else None)
+    except NonFiniteLogits as e:
+        raise UsageError(f"{model.path}: {e}; no number is reported for it") from None
+    P = len(problems)
+    correct, fork_valid, coverage, truncated = (np.zeros(P, dtype=int) for _ in range(4))
     has_fork = np.array([p.first_fork is not None for p in problems])
-    by_len: dict[int, list[int]] = {}
+    records: list[dict[str, Any]] = []
+    tokens, finished = out.tokens.tolist(), out.finished.tolist()
     for i, p in enumerate(problems):
-        by_len.setdefault(p.prompt_len, []).append(i)
-    stepper = model.stepper()
-    n_ctx = getattr(model, "n_ctx", None)
-    for plen in sorted(by_len):
-        idx = by_len[plen]
-        gold_new = max(len(problems[i].ids) - problems[i].prompt_len for i in idx)
-        budget = max_new_tokens or gold_new + 2
-        if n_ctx:
-            budget = max(1, min(budget, n_ctx - plen))
-        prompts = torch.tensor([problems[i].ids[:plen] for i in idx], dtype=torch.long)
-        try:
-            out = sample(stepper, prompts, n, budget, tok.eos_id, tok.pad_id, strategy, gen, batch_size=batch_size).cpu()
-        except NonFiniteLogits as e:
-            raise UsageError(f"{model.path}: {e}; no number is reported for it") from None
-        for row_i, i in enumerate(idx):
-            p = problems[i]
-            gold = p.ids[plen:]
-            fork = p.first_fork
-            j = fork.pos - plen if fork else None
-            seen_valid: set[int] = set()
-            for s in out[row_i].tolist():
-                text, finished = tok.decode_completion(s)
-                if finished and verifier(p.problem, text):
-                    correct[i] += 1
-                if fork is not None and j < len(s) and s[:j] == gold[:j] and s[j] in fork.branch_ids:
-                    b = fork.branch_ids.index(s[j])
-                    if fork.valid[b]:
-                        fork_valid[i] += 1
-                        seen_valid.add(b)
-            coverage[i] = len(seen_valid)
-    return SampleOutcome([p.kind for p in problems], n, correct, fork_valid, coverage, has_fork)
+        gold = p.ids[p.prompt_len:]
+        fork = p.first_fork
+        j = fork.pos - p.prompt_len if fork else None
+        seen_valid: set[int] = set()
+        for sample_j, (s, done) in enumerate(zip(tokens[i], finished[i])):
+            text, _ = tok.decode_completion(s)
+            text = cut_at_stop(text, stop_strings)[0] if stop_strings else text
+            ok = bool(done) and verifier(p.problem, text)
+            correct[i] += ok
+            truncated[i] += not done
+            branch, valid = "", None
+            if fork is not None and j < len(s) and s[:j] == gold[:j] and s[j] in fork.branch_ids:
+                b = fork.branch_ids.index(s[j])
+                branch, valid = fork.branches[b], bool(fork.valid[b])
+                if fork.valid[b]:
+                    fork_valid[i] += 1
+                    seen_valid.add(b)
+            n_tokens = next((t + 1 for t, x in enumerate(s) if x in tok.stop_ids), len(s))
+            records.append({"problem": p.index, "sample": sample_j, "kind": p.kind, "text": text, "finished": bool(done),
+                            "correct": ok, "fork_branch": branch, "fork_valid": valid, "n_tokens": n_tokens})
+        coverage[i] = len(seen_valid)
+    return SampleOutcome([p.kind for p in problems], n, correct, fork_valid, coverage, has_fork, truncated, records)
 
 
 def sample_rows(out: SampleOutcome, strategy: str, where: dict[str, Any], rng: np.random.Generator,
@@ -279,4 +300,10 @@ def sample_rows(out: SampleOutcome, strategy: str, where: dict[str, Any], rng: n
             est = bootstrap_mean_ci(out.coverage[fsel].astype(float), rng, n_boot=n_boot)
             rows.append(row(metric="branch_coverage", value=est.value, ci_low=est.low, ci_high=est.high,
                             n=int(fsel.sum()), kind=kind, strategy=strategy, **where))
+    # its own stream, so adding it moved no other interval
+    trng = np.random.default_rng(seed_for(where.get("checkpoint"), strategy, "truncated_rate"))
+    for kind, sel in _by_kind(out.kind):
+        est = bootstrap_mean_ci(out.truncated[sel] / out.n, trng, n_boot=n_boot)
+        rows.append(row(metric="truncated_rate", value=est.value, ci_low=est.low, ci_high=est.high,
+                        n=int(sel.sum()), kind=kind, strategy=strategy, **where))
     return rows

@@ -165,7 +165,25 @@ def key_numbers(df: pd.DataFrame) -> dict[str, Any]:
         for metric in ("probe_selectivity_taken", "probe_selectivity_valid")
         if (df["metric"] == metric).any()
     }
+    out["probe_valid"] = {kind: _probe_best(df, final, "valid", kind) for kind in ("decipherable", "indecipherable")}
     return out
+
+
+def _probe_best(df: pd.DataFrame, checkpoint: str, target: str, kind: str) -> dict[str, Any] | None:
+    """The layer with the highest probe accuracy for ``target`` at ``kind`` forks, with that layer's
+    selectivity and the kind's chance (None where the table lacks them)."""
+    at = (df["checkpoint"] == checkpoint) & (df["kind"] == kind)
+    acc = df[at & (df["metric"] == f"probe_acc_{target}") & df["layer"].notna()]
+    acc = acc[np.isfinite(acc["value"].to_numpy(float))]
+    if acc.empty:
+        return None
+    best = acc.sort_values(["value", "layer"], ascending=[False, True]).iloc[0]
+    layer = int(best["layer"])
+    sel = df[at & (df["metric"] == f"probe_selectivity_{target}") & (df["layer"] == layer)]["value"]
+    chance = df[at & (df["metric"] == f"probe_chance_{target}")]["value"]
+    return {"layer": layer, "accuracy": float(best["value"]), "ci_low": float(best["ci_low"]), "ci_high": float(best["ci_high"]),
+            "n": int(best["n"]), "selectivity": float(sel.iloc[0]) if len(sel) else None,
+            "chance": float(chance.iloc[0]) if len(chance) else None}
 
 
 # --------------------------------------------------------------------------- text
@@ -230,6 +248,9 @@ def _run_section(kn: dict[str, Any]) -> list[str]:
             f"(coverage {'shrank' if dk < 0 else 'did not shrink'}).",
             "",
         ]
+    probe = _probe_sentence(kn)
+    if probe:
+        lines += [probe, ""]
     c = kn["collapse_layer"]
     if c is None:
         where = "not measured (no logit-lens rows, or no base checkpoint to compare with)."
@@ -247,6 +268,23 @@ def _run_section(kn: dict[str, Any]) -> list[str]:
     )
     lines.append("")
     return lines
+
+
+def _probe_sentence(kn: dict[str, Any]) -> str:
+    """One sentence on the valid-branch probes of the final checkpoint; '' without probe rows."""
+    got = {k: v for k, v in (kn.get("probe_valid") or {}).items() if v is not None}
+    if not got:
+        return ""
+
+    def part(kind: str, p: dict[str, Any]) -> str:
+        vs = f"chance {_f(p['chance'])}" if p["chance"] is not None else "chance not in the table"
+        sel = f", selectivity {p['selectivity']:+.3f}" if p["selectivity"] is not None else ""
+        acc = _with_ci({"value": p["accuracy"], "ci_low": p["ci_low"], "ci_high": p["ci_high"]})
+        return f"at {kind} forks its best layer is {p['layer']}, accuracy {acc} vs {vs}{sel} (n = {p['n']} forks)"
+
+    parts = "; ".join(part(k, v) for k, v in got.items())
+    return (f"**Probes** — a candidate-conditioned linear probe for the valid branch, final `{kn['final']}` "
+            f"(layer 0 = the residual before block 0; accuracy with its 95% interval over problems): {parts}.")
 
 
 def _sweep_section(kn: dict[str, Any]) -> list[str]:

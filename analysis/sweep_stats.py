@@ -82,7 +82,17 @@ def sweep_pass(df: pd.DataFrame, what: str) -> pd.DataFrame:
     p = kind_rows(p, "all")
     if p.empty:
         raise UsageError(f"{what} needs pass@k rows of kind 'all' (or no kind)")
-    return p[p["k"].notna()].assign(k=lambda d: d["k"].astype(int))
+    return with_interpolation(p[p["k"].notna()].assign(k=lambda d: d["k"].astype(int)))
+
+
+def with_interpolation(p: pd.DataFrame) -> pd.DataFrame:
+    """Interpolated checkpoints (an ``alpha`` column) as mitigations of their own: policy
+    ``canonical+interp0.5`` is canonical SFT's final checkpoint interpolated halfway to its base."""
+    if "alpha" not in p.columns or not p["alpha"].notna().any():
+        return p
+    alpha = p["alpha"].astype(float)
+    label = p["policy"].astype(str) + "+interp" + alpha.map(lambda a: f"{a:g}")
+    return p.assign(policy=p["policy"].where(alpha.isna(), label))
 
 
 def sweep_shrinkage(df: pd.DataFrame, *, k: int | None = None) -> pd.DataFrame:

@@ -10,6 +10,12 @@ For a Hugging Face checkpoint, or to score differently, pass ``--verifier SPEC``
     False. ``"... answer: D"`` and ``"... answer D"`` both give ``"D"``; ``"answer: D then E"``
     gives ``"D then E"`` (not a match). With an empty prefix the whole completion is compared.
 
+``math``
+    The final answer of the completion checked against ``problem.answer`` with Hugging Face's
+    ``math-verify`` (LaTeX, fractions, ``\\boxed{}``, equivalent forms: ``1/2`` matches
+    ``$\\frac{1}{2}$`` and ``\\boxed{0.5}``), as reasoning evaluations score. It reads the last
+    answer the completion gives (a boxed one first). Needs the package: ``pip install -e ".[math]"``.
+
 ``regex:PATTERN``
     ``re.search(PATTERN, completion)``, the first match. If the pattern has a capturing group,
     success iff group 1, stripped, equals the answer stripped (``regex:answer:\\s*(\\S+)``);
@@ -55,7 +61,7 @@ from training.schema import Problem
 
 VerifyFn = Callable[[Problem, str], bool]
 
-FORMS = "exact, regex:PATTERN, module:function or path/to/file.py:function"
+FORMS = "exact, math, regex:PATTERN, module:function or path/to/file.py:function"
 
 __all__ = ["Verifier", "make_verifier", "verifier_for", "extract_answer", "FORMS"]
 
@@ -96,6 +102,28 @@ def _exact(answer_prefix: str) -> VerifyFn:
         return got is not None and got == problem.answer.strip()
 
     return exact
+
+
+def _math() -> VerifyFn:
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise UsageError('--verifier math needs the math-verify package: pip install -e ".[math]" '
+                         "(or pip install math-verify)") from None
+    golds: dict[str, Any] = {}
+
+    def math(problem: Problem, completion: str) -> bool:
+        if not isinstance(completion, str) or not completion.strip():
+            return False
+        answer = problem.answer.strip()
+        if answer not in golds:
+            golds[answer] = parse(answer if "$" in answer or "\\" in answer else f"${answer}$")
+        try:
+            return bool(verify(golds[answer], parse(completion)))
+        except Exception:  # math-verify's own parse and timeout failures on garbage text: not a match
+            return False
+
+    return math
 
 
 def _regex(pattern: str) -> VerifyFn:
@@ -182,6 +210,8 @@ def make_verifier(spec: str | None, answer_prefix: str = "answer") -> Verifier |
     spec = spec.strip()
     if spec == "exact":
         return Verifier(spec, _exact(answer_prefix))
+    if spec == "math":
+        return Verifier(spec, _math())
     if spec.startswith("regex:"):
         pattern = spec[len("regex:"):]
         if not pattern:

@@ -83,7 +83,18 @@ def load_hf_tokenizer(path: Path, config: dict[str, Any]) -> "HFTokenizer":
             hf_tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"cannot load the tokenizer in {p}: {_first_line(e)}") from None
-    return HFTokenizer(hf_tok, eos_fallback=config.get("eos_token_id"), where=str(p))
+    stops = generation_config(p).get("eos_token_id")
+    stops = [stops] if isinstance(stops, int) and not isinstance(stops, bool) else list(stops or [])
+    return HFTokenizer(hf_tok, eos_fallback=config.get("eos_token_id"), where=str(p),
+                       extra_stop_ids=[x for x in stops if isinstance(x, int) and not isinstance(x, bool)])
+
+
+def generation_config(path: Path) -> dict[str, Any]:
+    """generation_config.json of a directory ({} without one): its eos ids and max_new_tokens matter here."""
+    from training.io import read_json_object
+
+    f = Path(path) / "generation_config.json"
+    return read_json_object(f, "a generation config", "fix or delete it") if f.is_file() else {}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -105,7 +116,8 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, tokenizer: Any, eos_fallback: int | Sequence[int] | None = None, where: str = ""):
+    def __init__(self, tokenizer: Any, eos_fallback: int | Sequence[int] | None = None, where: str = "",
+                 extra_stop_ids: Sequence[int] = ()):
         at = f"{where}: " if where else ""
         if not getattr(tokenizer, "is_fast", False):
             raise UsageError(
@@ -127,6 +139,9 @@ class HFTokenizer:
             plain = tokenizer("a", add_special_tokens=False)["input_ids"]
             if with_special[:1] == [bos] and plain[:1] != [bos]:
                 self.bos_id = int(bos)
+        self.stop_ids: frozenset[int] = frozenset([self.eos_id, *map(int, extra_stop_ids)])
+        """Every id that ends a sample: the EOS and the generation config's eos_token_id list."""
+        self.where = where
         self._fingerprint: str | None = None
 
     def __len__(self) -> int:
@@ -136,9 +151,16 @@ class HFTokenizer:
         """(id, (start, end)) per token; a BOS, where the model expects one, comes first with (0, 0)."""
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         out = [(int(i), (int(s), int(e))) for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
-        if self.bos_id is not None:
+        if self.bos_id is not None and (not out or out[0][0] != self.bos_id):  # a chat template may write it already
             out.insert(0, (self.bos_id, (0, 0)))
         return out
+
+    def chat_prompt(self, user: str) -> str:
+        """``user`` as the one user turn of the tokenizer's chat template, ready for the assistant's reply."""
+        if not getattr(self.tok, "chat_template", None):
+            at = f"{self.where}: " if self.where else ""
+            raise UsageError(f"{at}the tokenizer has no chat template; drop --chat-template or save a tokenizer that has one")
+        return self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
 
     def encode(self, text: str) -> list[int]:
         return [i for i, _ in self.encode_with_offsets(text)]
@@ -158,7 +180,7 @@ class HFTokenizer:
         kept: list[int] = []
         for i in ids:
             i = int(i)
-            if i == self.eos_id:
+            if i in self.stop_ids:
                 return self.decode(kept), True
             kept.append(i)
         return self.decode(kept), False
@@ -169,7 +191,7 @@ class HFTokenizer:
             spec = json.loads(self.tok.backend_tokenizer.to_str())
             spec.pop("padding", None)
             spec.pop("truncation", None)
-            spec["fork_probes"] = {"eos": self.eos_id, "pad": self.pad_id, "bos": self.bos_id}
+            spec["fork_probes"] = {"eos": self.eos_id, "pad": self.pad_id, "bos": self.bos_id, "stops": sorted(self.stop_ids)}
             blob = json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()
             self._fingerprint = "hf:" + hashlib.sha256(blob).hexdigest()[:16]
         return self._fingerprint
@@ -179,10 +201,12 @@ class HFTokenizer:
 class HFStepper:
     """KV-cached incremental decoding with the model's own forward and a ``DynamicCache``.
 
-    The ``hooks.sampler`` stepper protocol: ``prefill`` runs equal-length prompts once and
+    The ``hooks.sampler`` stepper protocol: ``prefill`` runs (left-padded) prompts once and
     returns last-position logits for each prompt repeated ``repeats`` times (copies adjacent, as
-    ``repeat_interleave``); ``step`` appends one token per row. Logits are float32. Equals the
-    last position of a full forward over the same tokens at every step.
+    ``repeat_interleave``); ``step`` appends one token per row. With ``lengths`` (real tokens per
+    row) the attention mask hides each row's left pads and position ids count its real tokens
+    only, on the prompt and on every step, so each row equals its unpadded forward. Logits are
+    float32.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int | None = None):
@@ -193,6 +217,8 @@ class HFStepper:
         self._keep_kw = "logits_to_keep" in params
         self._cache: Any = None
         self._len = 0
+        self._mask: Tensor | None = None
+        self._next_pos: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -206,15 +232,19 @@ class HFStepper:
         except TypeError:  # older transformers: no config argument
             return DynamicCache()
 
-    def _forward(self, ids: Tensor) -> Tensor:
+    def _forward(self, ids: Tensor, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         kwargs: dict[str, Any] = {self._cache_kw: self._cache, "use_cache": True}
         if self._keep_kw:
             kwargs["logits_to_keep"] = 1
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+            kwargs["position_ids"] = positions
         return self.model(input_ids=ids, **kwargs).logits[:, -1].float()
 
     @torch.inference_mode()
     def prefill(
-        self, input_ids: Int[Tensor, "batch pos"], max_new_tokens: int = 1, repeats: int = 1
+        self, input_ids: Int[Tensor, "batch pos"], max_new_tokens: int = 1, repeats: int = 1,
+        lengths: Int[Tensor, " batch"] | None = None,
     ) -> Float[Tensor, "rows vocab"]:
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise UsageError(f"prefill needs input_ids shaped [batch, pos] with pos >= 1, got {tuple(input_ids.shape)}")
@@ -225,7 +255,18 @@ class HFStepper:
                 "(the stepper's max_len or the model's context); shorten the prompt or max_new_tokens"
             )
         self._cache = self._new_cache()
-        logits = self._forward(input_ids.to(self.device))
+        ids = input_ids.to(self.device)
+        self._mask = self._next_pos = None
+        if lengths is not None and bool((lengths < s).any()):
+            lengths = lengths.to(self.device)
+            cols = torch.arange(s, device=self.device)[None, :]
+            mask = (cols >= (s - lengths)[:, None]).long()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self._forward(ids, mask, positions)
+            self._mask = mask.repeat_interleave(repeats, dim=0) if repeats > 1 else mask
+            self._next_pos = lengths.repeat_interleave(repeats) if repeats > 1 else lengths
+        else:
+            logits = self._forward(ids)
         if repeats > 1:
             self._cache.batch_repeat_interleave(repeats)
             logits = logits.repeat_interleave(repeats, dim=0)
@@ -238,7 +279,13 @@ class HFStepper:
             raise UsageError("call prefill(...) before step(...)")
         if self._len >= self.max_len:
             raise UsageError(f"the sequence is at max_len={self.max_len} tokens; prefill with a larger max_new_tokens")
-        logits = self._forward(next_ids.to(self.device).view(-1, 1))
+        ids = next_ids.to(self.device).view(-1, 1)
+        if self._mask is None:
+            logits = self._forward(ids)
+        else:
+            self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
+            logits = self._forward(ids, self._mask, self._next_pos[:, None])
+            self._next_pos = self._next_pos + 1
         self._len += 1
         return logits
 
@@ -373,6 +420,27 @@ class HFCheckpoint(Instrumented):
     def lens(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
         x = resid.to(self.device, self.dtype)
         return self._arch.unembed(self._arch.norm(x)).float()
+
+    @torch.inference_mode()
+    def _patch_forward(self, input_ids: Tensor, attention_mask: Tensor, patch_pos: Tensor, layers: list[int],
+                       replacement: Tensor, logit_pos: Tensor) -> Tensor:
+        # One nnsight trace: each patched module's input is swapped for a copy with [rows, pos]
+        # overwritten, in execution order (layers ascending, the final norm last), as capture reads.
+        ids = input_ids.to(self.device)
+        mask = attention_mask.to(self.device).long()
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows = torch.arange(ids.shape[0], device=self.device)[:, None]
+        pos = patch_pos.to(self.device)
+        rep = replacement.to(self.device, self.dtype)
+        lp = logit_pos.to(self.device)
+        with self.nn.trace({"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}):
+            for k, l in enumerate(layers):
+                envoy = self._layer_envoys[l] if l < self.n_layers else self._norm_envoy
+                x = envoy.input.clone()
+                x[rows, pos] = rep[:, :, k]
+                envoy.input = x
+            out = self._head_envoy.output[rows, lp].save()
+        return out.float()
 
     def stepper(self, max_len: int | None = None) -> HFStepper:
         """A fresh stepper for sequences up to ``max_len`` tokens (default and cap: the model's context)."""

@@ -100,10 +100,11 @@ class _Layer:
 class NativeKVStepper:
     """Prefill a batch of equal-length prompts, then step one token per row with a KV cache.
 
-    The stepper protocol of `hooks.sampler`: `prefill(input_ids, max_new_tokens, repeats)`
-    returns last-position logits for each prompt repeated `repeats` times (rows in
-    problem-major order, like `repeat_interleave`), `step(next_ids)` appends one token per row
-    and returns the logits after it. Equals `model(full_ids)[:, -1]` at every step.
+    The stepper protocol of `hooks.sampler`: `prefill(input_ids, max_new_tokens, repeats,
+    lengths)` returns last-position logits for each (left-padded) prompt repeated `repeats`
+    times (rows in problem-major order, like `repeat_interleave`), `step(next_ids)` appends one
+    token per row and returns the logits after it. Equals `model(row_ids)[:, -1]` of each row's
+    unpadded sequence at every step.
     """
 
     def __init__(self, model: Any):
@@ -130,6 +131,8 @@ class NativeKVStepper:
         # per layer: prompt keys/values [P, Hkv, s, d], generated keys/values [rows, Hkv, cap, d]
         self._cache: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         self._prompt_len = self._rows = self._new = self._capacity = 0
+        self._pad_keys: Optional[Tensor] = None
+        self._next_pos: Optional[Tensor] = None
 
     @property
     def device(self) -> torch.device:
@@ -141,9 +144,11 @@ class NativeKVStepper:
 
     # ------------------------------------------------------------------ attention
     @staticmethod
-    def _attend_prompt(layer: _Layer, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _attend_prompt(layer: _Layer, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
         """Causal self-attention over the prompt: q [b, H, s, d], k/v [b, Hkv, s, d].
 
+        ``allowed`` [b, 1, s, s] (left-padded prompts): which keys each query may read — causal,
+        real tokens only (a pad query reads itself, so its row is defined; nothing reads it).
         F.scaled_dot_product_attention when there is no score soft cap (it matches the model's
         matmul-softmax-matmul to ~1e-7 and is faster); steps use `_attend_step` instead, whose
         shared-prompt matmuls beat SDPA there (SDPA would need the prompt keys per sample).
@@ -153,23 +158,28 @@ class NativeKVStepper:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         if layer.use_sdpa:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.inv_scale)
+            if allowed is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.inv_scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=layer.inv_scale)
         scores = apply_softcap(torch.matmul(q, k.transpose(-2, -1)) * layer.inv_scale, layer.softcap)
         s = q.shape[-2]
-        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
+        if allowed is None:
+            allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
         return torch.matmul(torch.softmax(scores, dim=-1), v)
 
     @staticmethod
     def _attend_step(
-        layer: _Layer, q: Tensor, k_prompt: Tensor, v_prompt: Tensor, k_new: Tensor, v_new: Tensor
+        layer: _Layer, q: Tensor, k_prompt: Tensor, v_prompt: Tensor, k_new: Tensor, v_new: Tensor,
+        pad_keys: Optional[Tensor] = None,
     ) -> Tensor:
         """One query per row over [its problem's prompt keys ; its own generated keys].
 
         q [rows, H, 1, d]; k/v_prompt [P, Hkv, s, d] shared by the rows = P * m copies of each
-        prompt (problem-major); k/v_new [rows, Hkv, t, d]. One softmax over both parts, so this
-        is exactly attention over the whole sequence, but the prompt keys are read once per
-        problem instead of once per sample. Returns [rows, H * d].
+        prompt (problem-major); k/v_new [rows, Hkv, t, d]; ``pad_keys`` [P, s], True at a left
+        pad (never read). One softmax over both parts, so this is exactly attention over the
+        whole sequence, but the prompt keys are read once per problem instead of once per sample.
+        Returns [rows, H * d].
         """
         rows, n_heads, _, d = q.shape
         problems, n_kv, s, _ = k_prompt.shape
@@ -179,8 +189,11 @@ class NativeKVStepper:
         scores_p = torch.matmul(q_p, k_prompt.transpose(-2, -1))  # [P, Hkv, rep*m, s]
         scores_p = scores_p.view(problems, n_kv, rep, m, s).permute(0, 3, 1, 2, 4).reshape(rows, n_kv, rep, s)
         scores_n = torch.matmul(q.view(rows, n_kv, rep, d), k_new.transpose(-2, -1))  # [rows, Hkv, rep, t]
-        scores = torch.cat([scores_p, scores_n], dim=-1) * layer.inv_scale
-        weights = torch.softmax(apply_softcap(scores, layer.softcap), dim=-1)
+        scores = apply_softcap(torch.cat([scores_p, scores_n], dim=-1) * layer.inv_scale, layer.softcap)
+        if pad_keys is not None:  # after the soft cap, which would turn -inf into -cap
+            hidden = pad_keys.repeat_interleave(m, dim=0)[:, None, None, :]  # [rows, 1, 1, s]
+            scores[..., :s] = scores[..., :s].masked_fill(hidden, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
         w_p, w_n = weights.split([s, t], dim=-1)
         w_p = w_p.view(problems, m, n_kv, rep, s).permute(0, 2, 3, 1, 4).reshape(problems, n_kv, rep * m, s)
         out_p = torch.matmul(w_p, v_prompt).view(problems, n_kv, rep, m, d).permute(0, 3, 1, 2, 4)
@@ -213,12 +226,16 @@ class NativeKVStepper:
         input_ids: Int[Tensor, "batch pos"],
         max_new_tokens: int = 1,
         repeats: int = 1,
+        lengths: Optional[Int[Tensor, " batch"]] = None,
     ) -> Float[Tensor, "batch_x_repeats vocab"]:
         """Run the prompts once; set up `repeats` rows per prompt (problem-major order).
 
-        The prompt keys/values are kept once per prompt and shared by its rows; each row gets
-        its own cache for max_new_tokens generated positions (the sampler steps at most
-        max_new_tokens - 1 times), preallocated so a step never concatenates.
+        Prompts of different lengths come left-padded, with ``lengths`` the real tokens per row:
+        each row's tokens keep their own positions (0 for its first real token) and no query
+        reads a pad, so a padded row gives exactly its unpadded numbers. The prompt keys/values
+        are kept once per prompt and shared by its rows; each row gets its own cache for
+        max_new_tokens generated positions (the sampler steps at most max_new_tokens - 1
+        times), preallocated so a step never concatenates.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise UsageError(f"prefill needs input_ids shaped [batch, pos] with pos >= 1, got {tuple(input_ids.shape)}")
@@ -231,18 +248,33 @@ class NativeKVStepper:
                 f"context n_ctx={self.n_ctx}; shorten the prompt or max_new_tokens"
             )
         input_ids = input_ids.to(self.device)
+        positions = allowed = pad_keys = None
+        if lengths is not None and bool((lengths.to(self.device) < s).any()):
+            lengths = lengths.to(self.device)
+            if bool((lengths < 1).any()) or bool((lengths > s).any()):
+                raise UsageError(f"prompt lengths must lie in 1..{s}, got {lengths.tolist()}")
+            offset = (s - lengths)[:, None]
+            cols = torch.arange(s, device=self.device)[None, :]
+            positions = (cols - offset).clamp(min=0)  # [b, s]
+            pad_keys = cols < offset  # [b, s]
+            causal = torch.ones(s, s, dtype=torch.bool, device=self.device).tril()
+            allowed = (causal[None] & ~pad_keys[:, None, :]) | torch.eye(s, dtype=torch.bool, device=self.device)[None]
+            allowed = allowed[:, None]  # [b, 1, s, s]
         x = self._embed(input_ids)
         if self._pos is not None:
-            x = x + self._pos.weight[:s]
+            x = x + (self._pos.weight[:s] if positions is None else self._pos.weight[positions])
         rows, capacity = b * repeats, min(max_new_tokens, self.n_ctx - s)
         self._cache = []
         for layer in self._layers:
-            q, k, v = self._qkv(layer, layer.ln1(x), None)
+            q, k, v = self._qkv(layer, layer.ln1(x), positions)
             k_new = k.new_empty(rows, layer.n_kv, capacity, layer.d_head)
             self._cache.append((k, v, k_new, torch.empty_like(k_new)))
-            attn = self._attend_prompt(layer, q, k, v).transpose(1, 2).reshape(b, s, -1)
+            attn = self._attend_prompt(layer, q, k, v, allowed).transpose(1, 2).reshape(b, s, -1)
             x = self._finish(layer, x, attn)
         self._prompt_len, self._rows, self._new, self._capacity = s, rows, 0, capacity
+        self._pad_keys = pad_keys
+        real = lengths if positions is not None else torch.full((b,), s, device=self.device)
+        self._next_pos = real.repeat_interleave(repeats) if repeats > 1 else real  # [rows]
         logits = self._logits(x[:, -1])
         return logits.repeat_interleave(repeats, dim=0) if repeats > 1 else logits
 
@@ -259,17 +291,18 @@ class NativeKVStepper:
                 f"KV cache is full after {t} new tokens (n_ctx={self.n_ctx}); prefill with a "
                 f"larger max_new_tokens"
             )
-        pos = self._prompt_len + t
         next_ids = next_ids.to(self.device)
         x = self._embed(next_ids).unsqueeze(1)
+        pos = self._next_pos + t  # [rows]: each row's own position (left padding shifts it)
         if self._pos is not None:
-            x = x + self._pos.weight[pos]
-        position_ids = torch.full((1, 1), pos, dtype=torch.long, device=self.device)
+            x = x + self._pos.weight[pos].unsqueeze(1)
+        position_ids = pos[:, None]
         for layer, (k_prompt, v_prompt, k_new, v_new) in zip(self._layers, self._cache):
             q, k, v = self._qkv(layer, layer.ln1(x), position_ids)
             k_new[:, :, t] = k[:, :, 0]
             v_new[:, :, t] = v[:, :, 0]
-            attn = self._attend_step(layer, q, k_prompt, v_prompt, k_new[:, :, : t + 1], v_new[:, :, : t + 1])
+            attn = self._attend_step(layer, q, k_prompt, v_prompt, k_new[:, :, : t + 1], v_new[:, :, : t + 1],
+                                     self._pad_keys)
             x = self._finish(layer, x, attn.unsqueeze(1))
         self._new = t + 1
         return self._logits(x[:, 0])

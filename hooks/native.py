@@ -80,6 +80,27 @@ class NativeCheckpoint(Instrumented):
     def lens(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
         return self.bridge.unembed(self.bridge.ln_final(resid.to(self.device)))
 
+    @torch.inference_mode()
+    def _patch_forward(self, input_ids: Tensor, attention_mask: Tensor, patch_pos: Tensor, layers: list[int],
+                       replacement: Tensor, logit_pos: Tensor) -> Tensor:
+        # A hook that returns a tensor replaces the activation: the lens layer's hook point, with
+        # only [rows, patch_pos] overwritten (right padding is never read, as in capture).
+        input_ids = input_ids.to(self.device)
+        rows = torch.arange(input_ids.shape[0], device=self.device)[:, None]
+        pos = patch_pos.to(self.device)
+        rep = replacement.to(self.device)
+
+        def put(k: int):
+            def hook_fn(act: Tensor, hook) -> Tensor:
+                act = act.clone()
+                act[rows, pos] = rep[:, :, k].to(act.dtype)
+                return act
+
+            return hook_fn
+
+        logits = self.bridge.run_with_hooks(input_ids, fwd_hooks=[(self._names[l], put(k)) for k, l in enumerate(layers)])
+        return logits[rows, logit_pos.to(self.device)]
+
     def stepper(self) -> Stepper:
         from hooks.kv_native import NativeKVStepper
 

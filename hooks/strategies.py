@@ -43,6 +43,7 @@ from torch import Tensor
 
 from hooks import strategy_base
 from hooks.distributions import entropy
+from training.errors import UsageError
 from hooks.strategy_base import (  # noqa: F401  (the strategy protocol, re-exported where callers look)
     Param,
     RowState,
@@ -65,6 +66,7 @@ __all__ = [
     "MinP",
     "ForkTemperature",
     "ForkStratified",
+    "RefMix",
     "Param",
     "register_strategy",
     "unregister_strategy",
@@ -237,3 +239,56 @@ class ForkStratified(Strategy):
             ids = torch.where(at_fork, branch, ids)
             state.forked = state.forked | at_fork
         return ids
+
+
+@register_strategy
+@dataclass(frozen=True, repr=False)
+class RefMix(Strategy):
+    """Reference-guided decoding: where the model has diverged from a reference model, mix them.
+
+    At each row, D = KL(p_model ‖ p_reference) in nats (both at temperature 1). Where D >= tau the
+    row is sampled from (1 - L) * p_model + L * p_reference; elsewhere from p_model alone, so
+    where the two models agree the samples are exactly the model's. The reference is the model
+    before fine-tuning (the series' base): at a fork whose entropy SFT drove to zero, the base
+    still spreads its mass over the branches, so D is large exactly there — which no entropy
+    threshold on the fine-tuned model alone can see.
+    """
+
+    lam: float
+    tau: float
+    name = "ref_mix"
+    params = (
+        Param("L", field="lam", ge=0, le=1, what="mixture weight L"),
+        Param("tau", ge=0, unit="nats", what="divergence threshold tau"),
+    )
+    description = "where KL(model || reference) >= tau nats, sample (1-L) p_model + L p_reference"
+    example = "ref_mix:0.5,0.1"
+    needs_reference = True
+
+    def probs(self, logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch vocab"]:
+        raise UsageError("ref_mix samples from two models: use probs_with(logits, reference_logits)")
+
+    def divergence(self, logits: Float[Tensor, "batch vocab"], reference_logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:
+        """KL(p_model ‖ p_reference) in nats per row (0·log 0 = 0)."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        logq = torch.log_softmax(reference_logits.float(), dim=-1)
+        p = logp.exp()
+        return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(dim=-1).clamp_min(0.0)
+
+    def probs_with(self, logits: Float[Tensor, "batch vocab"], reference_logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch vocab"]:
+        """The distribution each row is sampled from, given the reference's logits for it."""
+        if reference_logits.shape != logits.shape:
+            raise UsageError(f"ref_mix: the reference's logits {tuple(reference_logits.shape)} do not match the model's "
+                             f"{tuple(logits.shape)}: the two models need one vocabulary")
+        p = torch.softmax(logits.float(), dim=-1)
+        q = torch.softmax(reference_logits.float(), dim=-1)
+        mixed = (1.0 - self.lam) * p + self.lam * q
+        diverged = (self.divergence(logits, reference_logits) >= self.tau).unsqueeze(-1)
+        return torch.where(diverged, mixed, p)
+
+    def __call__(self, logits, state, generator):
+        if state.reference_logits is None:
+            raise UsageError("ref_mix needs a reference model (the series' base checkpoint, or --reference CHECKPOINT); "
+                             "none was given")
+        return sample_from_probs(self.probs_with(logits, state.reference_logits.to(logits.device)), generator,
+                                 state.uniforms)

@@ -49,6 +49,8 @@ class RowState:
     step: int = 0
     uniforms: Optional[Float[Tensor, " batch"]] = None
     """This step's uniform per row, drawn ahead by the sampler; None -> draw from the generator."""
+    reference_logits: Optional[Float[Tensor, "batch vocab"]] = None
+    """The reference model's next-token logits for the same rows, for strategies that need one."""
 
     def __post_init__(self) -> None:
         if self.forked is None:

@@ -6,6 +6,6 @@ over these. No submodule shares a public function's name, so importing one (``pr
 ``probes.grid``) never rebinds ``probes.run`` or ``probes.sweep``.
 """
 
-from probes.api import demo, figures, fork_lens, load_results, run, sweep, train  # noqa: F401
+from probes.api import demo, figures, find_forks, fork_lens, interpolate, load_results, run, sweep, train  # noqa: F401
 
 __version__ = "0.1.0"

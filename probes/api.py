@@ -83,10 +83,15 @@ def figures(results: str | Path, out: str | Path | None = None, formats: Sequenc
     return files, skipped, report
 
 
+DEMO_FORCING = 16
+"""Continuations per branch the demo forces at each first fork (branch value, forced pass@k)."""
+
+
 def demo(out: str | Path = "runs/demo", device: str | None = None, progress: bool = True,
          overrides: Sequence[str] | None = None, log=print):
     """The embedded default end to end: data, base pretraining, SFT with checkpoints, ``probes
-    run`` on every SFT checkpoint (step 0 is the base model), figures and the report."""
+    run`` on every SFT checkpoint (step 0 is the base model) with the tuned lens, branch forcing
+    and activation patching against the base, figures and the report."""
     import time
 
     t0 = time.perf_counter()
@@ -95,7 +100,8 @@ def demo(out: str | Path = "runs/demo", device: str | None = None, progress: boo
     train(cfg, out=out, device=device, progress=progress, log=log)
     t1 = time.perf_counter()
     df = run([str(out / "checkpoints" / "sft-step*")], out=out / "results", device=device, progress=progress,
-             samples=cfg.eval.samples, strategies=[cfg.eval.strategy], seed=cfg.eval.seed, log=log)
+             samples=cfg.eval.samples, strategies=[cfg.eval.strategy], seed=cfg.eval.seed, forcing=DEMO_FORCING,
+             patching=True, log=log)
     t2 = time.perf_counter()
     files, skipped, report = figures(out / "results", log=log)
     t3 = time.perf_counter()
@@ -110,6 +116,30 @@ def sweep(config=None, out="runs/sweep", task=None, workers=0, quick=False, devi
 
     return _sweep(config=config, out=out, task=task, workers=workers, quick=quick, device=device,
                   progress=progress, log=log)
+
+
+def interpolate(base: str | Path, sft: str | Path, alphas: Sequence[float] = (0.5,), out: str | Path | None = None,
+                log=print) -> list[Path]:
+    """Weight interpolation (WiSE-FT): checkpoints θ = (1−α)·θ_base + α·θ_SFT, one per α, written
+    to ``out`` (default: beside ``sft``) as ``interp-a0.50`` etc.; see :mod:`training.interpolate`."""
+    from training.interpolate import interpolate as _interpolate
+
+    return _interpolate(base, sft, alphas, out=out, log=log)
+
+
+def find_forks(model, problems, out=None, **kwargs):
+    """Fork discovery: the decision points of unannotated ``problems`` (a JSONL path or a list),
+    found with ``model`` (a checkpoint directory, native or Hugging Face, or a loaded model) as the
+    reference, confirmed by the outcomes of forced alternatives and classified into the kinds.
+
+    Returns ``(annotated problems, candidate table)`` (``.summary`` holds the printed summary);
+    with ``out`` writes the annotated JSONL and ``.candidates.parquet`` beside it. Keyword
+    arguments (``verifier``, ``samples``, ``p``, ``entropy_quantile`` or ``entropy``, ``tau``,
+    ``max_new_tokens``, ``device``, ``seed``, ...): see :func:`analysis.forks.find_forks`.
+    """
+    from analysis.forks import find_forks as _find
+
+    return _find(model, problems, out=out, **kwargs)
 
 
 def fork_lens(checkpoint: str | Path, problem=0, eval: str | Path | None = None, device: str | None = None):

@@ -44,6 +44,13 @@ def _run(args: argparse.Namespace) -> None:
         force=args.force,
         progress=not args.quiet,
         k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        chat_template=args.chat_template,
+        forcing=args.forcing,
+        reference=args.reference,
+        tuned_lens=not args.no_tuned_lens,
+        patching=args.patching,
         **({"dtype": args.dtype} if getattr(args, "dtype", None) else {}),
         **({"verifier": args.verifier} if getattr(args, "verifier", None) else {}),
         **({"answer_prefix": args.answer_prefix} if getattr(args, "answer_prefix", None) else {}),
@@ -63,12 +70,32 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from probes import api
+    from probes import grid  # api.sweep does not take the executor options (yet)
 
-    api.sweep(
+    grid.sweep(
         config=args.config, out=args.out, task=args.task, workers=args.workers, quick=args.quick,
         device=args.device, progress=not args.quiet,
+        executor=args.executor, address=args.address, resources=args.resources,
     )
+
+
+def _forks(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from probes import api
+
+    data = Path(args.data)
+    out = args.out or str(data.with_name((data.name[:-6] if data.name.endswith(".jsonl") else data.name) + ".forks.jsonl"))
+    api.find_forks(args.model, str(data), out=out, verifier=args.verifier, samples=args.samples, p=args.p,
+                   entropy_quantile=args.entropy_quantile, entropy=args.entropy, tau=args.tau,
+                   max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed,
+                   **({"answer_prefix": args.answer_prefix} if args.answer_prefix else {}))
+
+
+def _interpolate(args: argparse.Namespace) -> None:
+    from probes import api
+
+    api.interpolate(args.base, args.sft, args.alpha, out=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoding strategies: --strategy A B, or the flag repeated (default temperature:1.0)")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     r.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype (Hugging Face checkpoints)")
-    r.add_argument("--verifier", default=None, help="exact, regex:PATTERN or module:function (own data)")
+    r.add_argument("--verifier", default=None, help="exact, math, regex:PATTERN or module:function (own data)")
+    r.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="sampling budget per sample (default: a native task's own bound; own data: the model's "
+                        "generation_config max_new_tokens, else 512); samples that reach it are counted in truncated_rate")
+    r.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="a stop string (repeat the flag for several); the text before it is what the verifier sees")
+    r.add_argument("--chat-template", action="store_true",
+                   help="use each line's prompt as the user turn of the tokenizer's chat template")
+    r.add_argument("--reference", default=None, metavar="CHECKPOINT",
+                   help="the model ref_mix compares with (default: the series' base, SFT step 0)")
+    r.add_argument("--patching", action="store_true",
+                   help="activation patching at the forks, per layer, between each checkpoint and the reference "
+                        "(patch_recovered_share, patch_induced_share)")
+    r.add_argument("--no-tuned-lens", action="store_true",
+                   help="skip the tuned lens (per-layer translators fitted per checkpoint on task text, cached in OUT/tuned_lens)")
+    r.add_argument("--forcing", type=int, nargs="?", const=16, default=0, metavar="M",
+                   help="branch forcing at each first fork: M continuations per branch (default M 16): "
+                        "branch_value_* and forced_pass@k")
     r.add_argument("--answer-prefix", default=None, help="for --verifier exact: the answer follows the last occurrence of this text (default 'answer')")
     r.add_argument("--force", action="store_true", help="measure finished checkpoints again (and replace results measured with other settings)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -117,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     d.set_defaults(fn=_demo)
 
+    i = sub.add_parser("interpolate", help="weight interpolation between a base and its SFT checkpoint (WiSE-FT)")
+    i.add_argument("base", help="the base checkpoint (native or Hugging Face directory)")
+    i.add_argument("sft", help="its fine-tuned checkpoint (same architecture and tokenizer)")
+    i.add_argument("--alpha", type=float, nargs="+", default=[0.5], help="weights on the SFT checkpoint, in [0, 1] (default 0.5)")
+    i.add_argument("--out", default=None, help="directory for the interp-aA.AA checkpoints (default: beside SFT)")
+    i.set_defaults(fn=_interpolate)
+
     s = sub.add_parser("sweep", help="fork-prevalence x demonstration-policy grid: one SFT run per cell")
     s.add_argument("--config", help="a JSON sweep config (default: the embedded grid)")
     s.add_argument("--out", default="runs/sweep", help="sweep directory (default runs/sweep)")
@@ -125,7 +176,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a small grid that finishes in minutes")
     s.add_argument("--device", default=None, help="cpu or cuda")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--executor", default="local", metavar="local|ray",
+                   help="local (--workers processes, default) or ray (every base, cell and measurement a Ray task)")
+    s.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --executor ray: a running cluster (HOST:PORT or auto; default: start a local one of --workers CPUs)")
+    s.add_argument("--resources", default=None, metavar="cpu=1,gpu=0.25",
+                   help="with --executor ray: what each task reserves (default cpu=1, plus gpu=0.25 for cuda)")
     s.set_defaults(fn=_sweep)
+
+    fk = sub.add_parser("forks", help="fork discovery: find, test and classify the decision points of unannotated data")
+    fk.add_argument("--model", required=True, metavar="CHECKPOINT", help="the reference model: a checkpoint or Hugging Face directory")
+    fk.add_argument("--data", required=True, metavar="FILE.jsonl", help="lines with prompt, completion, answer (decision_points, if any, are kept as decision_points_given)")
+    fk.add_argument("--out", default=None, metavar="FILE.jsonl",
+                    help="annotated output (default: DATA.forks.jsonl beside the input); FILE.candidates.parquet is written beside it")
+    fk.add_argument("--verifier", default=None, help="exact, math, regex:PATTERN or module:function (default: the native model's task)")
+    fk.add_argument("--answer-prefix", default=None, help="for --verifier exact: the answer follows the last occurrence of this text (default 'answer')")
+    fk.add_argument("--samples", type=int, default=None, metavar="M", help="continuations per forced alternative (default 16, at least 2)")
+    fk.add_argument("--p", type=float, default=None, metavar="P", help="mass a token needs to be an alternative, in (0, 1) (default 0.02)")
+    grp = fk.add_mutually_exclusive_group()
+    grp.add_argument("--entropy-quantile", type=float, default=None, metavar="Q",
+                     help="entropy candidates: the top 1-Q of completion positions by entropy, Q in (0, 1) (default 0.7)")
+    grp.add_argument("--entropy", type=float, default=None, metavar="H", help="entropy candidates: entropy at least H nats (instead of a quantile)")
+    fk.add_argument("--tau", type=float, default=None, metavar="T", help="success rate a branch needs to be valid, in (0, 1] (default 0.5)")
+    fk.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                    help="budget of a whole completion, prefix included (default: a native model's longest gold completion + 2; "
+                         "Hugging Face: its generation config, else 512)")
+    fk.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    fk.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    fk.set_defaults(fn=_forks)
     return p
 
 

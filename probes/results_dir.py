@@ -1,9 +1,10 @@
 """The results directory: what ``probes run`` writes, and the rules that make a resume trustworthy.
 
-Layout: ``manifest.json`` (written first, so a directory killed at any moment is still known as
-ours), ``checkpoints/<label>.parquet`` (one checkpoint's rows, each file written atomically and
-carrying in its own metadata the identity of the checkpoint and of the settings that made it),
-then the combined ``results.parquet`` / ``results.csv``. A finished part is reused only when its
+Layout: ``manifest.json`` (written with the first finished checkpoint, so a directory killed at
+any moment later is still known as ours), ``checkpoints/<label>.parquet`` (one checkpoint's
+rows, each file written atomically and carrying in its own metadata the identity of the
+checkpoint and of the settings that made it), ``samples/<label>.parquet`` (its samples, written
+just before), then the combined ``results.parquet`` / ``results.csv`` / ``samples.parquet``. A finished part is reused only when its
 checkpoint's content *and* the run's settings are the ones asked for now; anything else is a
 fresh measurement or a clear error, never a silent reuse.
 """
@@ -119,20 +120,22 @@ class ResultsDir:
         for p in root.iterdir():
             if is_temporary(p):
                 continue
-            if p.name == "checkpoints" and p.is_dir() and all(is_temporary(q) for q in p.iterdir()):
+            if p.name in ("checkpoints", "samples", "tuned_lens") and p.is_dir() and all(
+                    is_temporary(q) or q.is_dir() for q in p.iterdir()):
                 continue
             return False
         return True
 
     @staticmethod
     def _remove_temporaries(root: Path) -> None:
-        for d in (root, root / "checkpoints"):
+        for d in (root, root / "checkpoints", root / "samples"):
             remove_temporaries(d)
 
     @staticmethod
     def _clear(root: Path) -> None:
         """Remove what ``probes run`` wrote (and nothing else) before measuring under new settings."""
         shutil.rmtree(root / "checkpoints", ignore_errors=True)
+        shutil.rmtree(root / "samples", ignore_errors=True)
         for name in ("results.parquet", "results.csv", "manifest.json", "samples.parquet"):
             (root / name).unlink(missing_ok=True)
 
@@ -155,9 +158,15 @@ class ResultsDir:
                              "pass --force to measure it again, or choose another --out")
         return json.loads(meta[_META_KEY])
 
-    def write_part(self, label: str, df: pd.DataFrame, checkpoint: dict[str, Any]) -> None:
-        """One checkpoint's rows with its identity, atomically: a part is whole or absent."""
+    def write_part(self, label: str, df: pd.DataFrame, checkpoint: dict[str, Any],
+                   samples: pd.DataFrame | None = None) -> None:
+        """One checkpoint's rows with its identity, atomically: a part is whole or absent.
+
+        Its samples are written first (``samples/<label>.parquet``), so a finished part always has them.
+        """
         self._ensure()
+        if samples is not None:
+            atomic_write(self.root / "samples" / f"{label}.parquet", lambda tmp: samples.to_parquet(tmp, index=False))
         info = {"label": label, "settings": self.settings_hash, **checkpoint}
         table = pa.Table.from_pandas(df, preserve_index=False)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META_KEY: json.dumps(info).encode()})
@@ -183,6 +192,11 @@ class ResultsDir:
                 frames[label] = self.read_part(label)
         df = pd.concat([frames[k] for k in sorted(frames)], ignore_index=True) if frames else to_frame([])
         df = sort_table(df)
+        samples = [self.root / "samples" / f"{label}.parquet" for label in sorted(frames)]
+        samples = [pd.read_parquet(f) for f in samples if f.is_file()]
+        if samples:
+            sdf = sort_table(pd.concat(samples, ignore_index=True))
+            atomic_write(self.root / "samples.parquet", lambda tmp: sdf.to_parquet(tmp, index=False))
         atomic_write(self.root / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
         atomic_write(self.root / "results.csv", lambda tmp: df.to_csv(tmp, index=False))
         self.manifest.update(extra)

@@ -21,9 +21,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.measure import fork_rows, probe_labels, sample_outcomes, sample_rows, seed_for, teacher_forced
+from analysis.measure import fork_rows, sample_outcomes, sample_rows, seed_for, teacher_forced
 from analysis.passk import ks_for
-from analysis.table import row, to_frame
+from analysis.table import to_frame
 from analysis.verifiers import Verifier, verifier_for
 from hooks.encode import EncodedProblem, EncodeReport, encode_problems
 from hooks.load import load, resolve_checkpoints
@@ -120,10 +120,96 @@ class RunPlan:
     device: Any
     dtype: str | None
     identity: dict[str, Any]
+    max_new_tokens: int
+    stop: list[str]
+    forcing: int
+    """Continuations per branch for branch forcing (0: off)."""
+    reference: CheckpointRecord | None
+    """The model ref_mix and patching compare with (the series' base, or --reference)."""
+    tuned_lens: bool
+    patching: bool
+    probe_train: list[EncodedProblem] | None
+    """Probe-training forks from the task's generator, disjoint from the eval set (None: cross-validate on eval)."""
+
+
+DEFAULT_MAX_NEW_TOKENS = 512
+"""Sampling budget for own data (Hugging Face checkpoints) when their generation config sets none."""
+
+
+def _budget(records: list[CheckpointRecord], encoded: list[EncodedProblem], max_new_tokens: int | None) -> int:
+    """New tokens per sample: --max-new-tokens; else a native task's own bound; else the model's
+    generation_config max_new_tokens; else DEFAULT_MAX_NEW_TOKENS."""
+    from analysis.measure import native_budget
+
+    if max_new_tokens is not None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be a whole number ≥ 1, got {max_new_tokens!r}")
+        return max_new_tokens
+    if all(r.format == "native" for r in records):
+        return native_budget(encoded, min(r.n_ctx for r in records))
+    from hooks.hf import generation_config
+
+    sizes = {generation_config(r.path).get("max_new_tokens") for r in records if r.format == "hf"}
+    sizes = {x for x in sizes if isinstance(x, int) and not isinstance(x, bool) and x > 0}
+    return max(sizes) if sizes else DEFAULT_MAX_NEW_TOKENS
+
+
+def _check_stop(stop: Sequence[str] | str | None) -> list[str]:
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    for x in stop:
+        if not isinstance(x, str) or not x:
+            raise UsageError(f"--stop strings must be non-empty, got {x!r}")
+    return stop
+
+
+def _chat(problems: list[Problem], tokenizer: Any) -> list[Problem]:
+    """Each prompt as the user turn of the tokenizer's chat template (completions untouched)."""
+    from dataclasses import replace
+
+    return [replace(p, prompt=tokenizer.chat_prompt(p.prompt)) for p in problems]
+
+
+def _reference(records: list[CheckpointRecord], reference: str | Path | None,
+               strategies: list[str], patching: bool = False) -> CheckpointRecord | None:
+    """The reference model, when a strategy or patching needs one: --reference, else the series' base.
+
+    Only a real model before SFT (SFT step 0, a ``base`` or ``pretrain`` checkpoint) serves as
+    the default; an SFT checkpoint that is merely the earliest measured would make a wrong
+    comparison, so without one the reference must be given.
+    """
+    from hooks.strategies import parse_strategy
+    from hooks.record import read_record
+    from training.phases import base_position
+
+    needing = [s for s in strategies if parse_strategy(s).needs_reference] + (["--patching"] if patching else [])
+    if not needing:
+        return None
+    if reference is not None:
+        ref = read_record(reference)
+    else:
+        i, why = base_position([(r.phase, r.step) for r in records])
+        if why == "earliest":
+            raise UsageError(f"{needing[0]} needs a reference model and no base checkpoint (SFT step 0, a base or "
+                             "pretrain checkpoint) is among the measured ones; pass --reference CHECKPOINT")
+        ref = records[i]
+    if ref.tokenizer_fingerprint != records[0].tokenizer_fingerprint:
+        raise UsageError(f"the reference {ref.path} uses another tokenizer than {records[0].path}; "
+                         "a reference must share the checkpoints' tokenizer and vocabulary")
+    if patching:
+        shape = ("n_layers", "d_model") if ref.format == "native" else ("num_hidden_layers", "hidden_size")
+        for rec in records:
+            mine = rec.config["model"] if rec.format == "native" else rec.config
+            theirs = ref.config["model"] if ref.format == "native" else ref.config
+            if rec.format != ref.format or any(mine.get(k) != theirs.get(k) for k in shape):
+                raise UsageError(f"--patching: the reference {ref.path} has another shape than {rec.path} "
+                                 "(layers, width or format differ); patch between checkpoints of one architecture")
+    return ref
 
 
 def plan_run(checkpoints, out=None, eval=None, samples=None, strategies=None, device=None, k=None, dtype=None,
-             verifier=None, answer_prefix="answer", seed=0, n_boot=1000, probes=True, extra_columns=None) -> RunPlan:
+             verifier=None, answer_prefix="answer", seed=0, n_boot=1000, probes=True, extra_columns=None,
+             max_new_tokens=None, stop=None, chat_template=False, forcing=0, reference=None, tuned_lens=True,
+             patching=False) -> RunPlan:
     """Validate every input of a run and resolve its defaults, writing nothing."""
     from hooks.strategies import parse_strategy
     from training.train import pick_device
@@ -156,7 +242,14 @@ def plan_run(checkpoints, out=None, eval=None, samples=None, strategies=None, de
     task = next((r.task for r in records if r.task), None)
     _check_eval_tasks(problems, eval_path, task)
     verify = verifier_for(verifier, task, answer_prefix)
-    encoded, report = encode_problems(records[0].tokenizer, problems)
+    stop = _check_stop(stop)
+    if isinstance(forcing, bool) or not isinstance(forcing, int) or forcing < 0 or forcing == 1:
+        raise UsageError(f"--forcing takes the continuations per branch, a whole number ≥ 2 (0: off), got {forcing!r}")
+    tokenizer = records[0].tokenizer
+    shown = _chat(problems, tokenizer) if chat_template else problems
+    encoded, report = encode_problems(tokenizer, shown)
+    for e in encoded:  # the verifier sees the problem as written, not its chat-formatted prompt
+        e.problem = problems[e.index]
     if not encoded:
         raise UsageError(f"no problem of {eval_path} could be encoded with {records[0].path}'s tokenizer ({report.to_dict()})")
     total = sum(len(p.decision_points) for p in problems)
@@ -167,6 +260,14 @@ def plan_run(checkpoints, out=None, eval=None, samples=None, strategies=None, de
     for rec in records:
         if rec.n_ctx and longest > rec.n_ctx:
             raise UsageError(f"{eval_path} has sequences of {longest} tokens, longer than {rec.path}'s context {rec.n_ctx}")
+    budget = _budget(records, encoded, max_new_tokens)
+    longest_prompt = max(e.prompt_len for e in encoded)
+    room = min([r.n_ctx - longest_prompt for r in records if r.format == "hf" and r.n_ctx] or [budget])
+    if budget > room:
+        if max_new_tokens is not None:
+            raise UsageError(f"the longest prompt ({longest_prompt} tokens) + --max-new-tokens {budget} exceeds the "
+                             f"context of {records[0].path} ({longest_prompt + room}); lower --max-new-tokens")
+        budget = max(1, room)  # a default that does not fit is cut to the context left
     identity = {
         "eval_sha256": sha256_file(eval_path),
         "samples": n,
@@ -181,14 +282,45 @@ def plan_run(checkpoints, out=None, eval=None, samples=None, strategies=None, de
         "n_boot": n_boot,
         "probes": bool(probes),
         "columns": dict(extra_columns or {}),
+        "max_new_tokens": budget,
+        "stop": stop,
+        "chat_template": bool(chat_template),
+        "forcing": forcing,
     }
     labels = iter_labels(records)
     clash = sorted({lab for lab in labels if labels.count(lab) > 1})
     if clash:
         raise UsageError(f"two checkpoints would both be labelled {clash[0]!r} (same run and directory names); "
                          "measure them into separate --out directories")
+    ref = _reference(records, reference, strategies, patching)
+    if ref is not None:
+        identity["reference"] = ref.identity
+    tuned_lens = bool(tuned_lens) and all(r.format == "native" or r.task for r in records)
+    if tuned_lens:
+        from analysis.tuned_lens import TunedLensSettings
+
+        identity["tuned_lens"] = TunedLensSettings().to_dict()
+    if patching:
+        from analysis.patching import DEFAULT_MIN_SHIFT
+
+        identity["patching"] = {"min_shift": DEFAULT_MIN_SHIFT}
+    probe_train = None
+    if probes:
+        from probes.linear import L2
+        from training.synth import PROBE_SPLIT_PER_KIND
+
+        identity["probes"] = {"version": 2, "split_per_kind": PROBE_SPLIT_PER_KIND if task else 0, "l2": L2}
+        if task and not chat_template and all(r.format == "native" for r in records):
+            from training.synth import make_probe_split
+            from training.tasks import get_task
+
+            t = get_task(task)
+            probe_train, _ = encode_problems(tokenizer, make_probe_split(t, seed=seed, exclude={t.key(p) for p in problems}))
+    if forcing and not any(e.forks for e in encoded):
+        raise UsageError(f"--forcing needs decision points, and no problem of {eval_path} has one the tokenizer can read")
     return RunPlan(records, labels, Path(out) if out else default_out(records), eval_path, problems,
-                   encoded, report, verify, n, ks, strategies, dev, dtype, identity)
+                   encoded, report, verify, n, ks, strategies, dev, dtype, identity, budget, stop, forcing, ref,
+                   tuned_lens, bool(patching), probe_train)
 
 
 def run(
@@ -209,18 +341,39 @@ def run(
     n_boot: int = 1000,
     probes: bool = True,
     extra_columns: dict[str, Any] | None = None,
+    max_new_tokens: int | None = None,
+    stop: Sequence[str] | str | None = None,
+    chat_template: bool = False,
+    forcing: int = 0,
+    reference: str | Path | None = None,
+    tuned_lens: bool = True,
+    patching: bool = False,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Measure checkpoints (native or Hugging Face directories, paths or globs) on an eval set.
 
-    Returns the tidy table (also saved under ``out``). ``extra_columns`` are constant columns
-    added to every row (sweeps use it for task, prevalence, policy, seed). ``force`` measures
-    finished checkpoints again, and lets a directory measured under other settings be replaced.
+    Returns the tidy table (also saved under ``out``, with every sample in ``samples.parquet``).
+    ``extra_columns`` are constant columns added to every row (sweeps use it for task,
+    prevalence, policy, seed). ``force`` measures finished checkpoints again, and lets a
+    directory measured under other settings be replaced. ``max_new_tokens`` (default: a native
+    task's own bound, else the model's generation config, else 512), ``stop`` strings and
+    ``chat_template`` (each prompt becomes the user turn of the tokenizer's chat template) shape
+    the sampling. ``forcing`` (m ≥ 2) adds branch forcing at each first fork: m continuations
+    per branch (``analysis.forcing``). ``reference`` is the model ``ref_mix`` and ``patching``
+    compare with (default: the series' base checkpoint). ``tuned_lens`` (native checkpoints, or
+    any with a task generator) fits per-layer translators per checkpoint, cached under
+    ``out/tuned_lens``; ``patching`` patches the reference's residual into each checkpoint at
+    its forks, layer by layer (``analysis.patching``).
     """
     plan = plan_run(checkpoints, out=out, eval=eval, samples=samples, strategies=strategies, device=device, k=k,
                     dtype=dtype, verifier=verifier, answer_prefix=answer_prefix, seed=seed, n_boot=n_boot,
-                    probes=probes, extra_columns=extra_columns)
+                    probes=probes, extra_columns=extra_columns, max_new_tokens=max_new_tokens, stop=stop,
+                    chat_template=chat_template, forcing=forcing, reference=reference, tuned_lens=tuned_lens,
+                    patching=patching)
     results = ResultsDir.open(plan.out, plan.identity, force=force)
+    ref_model = None
+    if plan.reference is not None:
+        ref_model = load(plan.reference, device=plan.device, dtype=plan.dtype, progress=progress)
     total = sum(len(p.decision_points) for p in plan.problems)
     skipped = skipped_text(plan.report, total)
     if skipped:
@@ -239,15 +392,23 @@ def run(
             log(f"{label}: already measured, skipped (--force measures it again)")
             continue
         t0 = time.perf_counter()
+        pending: list[Callable[[], Any]] = []
         model = load(rec, device=plan.device, dtype=plan.dtype, progress=progress)
         where = {"checkpoint": label, "phase": rec.phase, "step": rec.step, "format": rec.format,
                  **(extra_columns or {})}
-        rows = measure_checkpoint(model, plan.encoded, plan.verifier, plan.strategies, plan.samples, plan.ks, seed,
-                                  label, where, batch_size, n_boot, probes, progress)
+        rows, samples_df = measure_checkpoint(model, plan.encoded, plan.verifier, plan.strategies, plan.samples,
+                                              plan.ks, seed, label, where, batch_size, n_boot, probes, progress,
+                                              max_new_tokens=plan.max_new_tokens, stop=plan.stop,
+                                              forcing=plan.forcing, reference=ref_model,
+                                              tuned_lens_dir=plan.out / "tuned_lens" / label if plan.tuned_lens else None,
+                                              eval_problems=plan.problems, patching=plan.patching, log=log,
+                                              probe_train=plan.probe_train, after_write=pending)
         df = to_frame(rows)
         seconds = time.perf_counter() - t0
         info = _checkpoint_info(rec)
-        results.write_part(label, df, info)
+        results.write_part(label, df, info, samples_df)
+        for save in pending:  # caches beside the results, only for a measurement that finished
+            save()
         frames[label] = df
         results.manifest["checkpoints"][label] = {**info, "meta": rec.meta}
         results.manifest["timings"][label] = round(seconds, 2)
@@ -263,45 +424,71 @@ def _checkpoint_info(rec: CheckpointRecord) -> dict[str, Any]:
 
 
 def measure_checkpoint(model, encoded, verify, strategies, n, ks, seed, label, where, batch_size=64,
-                       n_boot=1000, probes=True, progress=True) -> list[dict]:
-    """All rows of one checkpoint: fork metrics, logit lens, probes, then sampled metrics."""
+                       n_boot=1000, probes=True, progress=True, max_new_tokens=None,
+                       stop=(), forcing=0, reference=None, tuned_lens_dir=None, eval_problems=None, patching=False,
+                       log=lambda *_: None, probe_train=None,
+                       after_write: list | None = None) -> tuple[list[dict], pd.DataFrame]:
+    """All rows of one checkpoint (fork metrics, logit lens, probes, then sampled metrics), and
+    its samples (one row per strategy x problem x sample). What is to be saved beside the results
+    (a fitted tuned lens) is appended to ``after_write``, to run once the rows are written."""
+    after_write = [] if after_write is None else after_write
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=2 + len(strategies), desc=label, leave=False, disable=not progress)
+    bar = tqdm(total=2 + len(strategies) + bool(forcing), desc=label, leave=False, disable=not progress)
     rng = np.random.default_rng(seed_for(seed, label, "bootstrap"))
     cap = teacher_forced(model, encoded, batch_size=batch_size)
     bar.update(1)
     rows = fork_rows(cap, where, rng, n_boot=n_boot)
     if probes and len(cap.problem):
-        rows += probe_rows(cap, where, np.random.default_rng(seed_for(seed, label, "probes")))
+        from probes.linear import probe_rows
+
+        rows += probe_rows(model, cap, encoded, probe_train, where, np.random.default_rng(seed_for(seed, label, "probes")),
+                           n_boot=n_boot)
+    if tuned_lens_dir is not None and len(cap.problem):
+        from analysis.tuned_lens import tuned_lens_for, tuned_lens_rows
+
+        lens = tuned_lens_for(model, tuned_lens_dir, seed=seed, exclude=eval_problems, log=log, save=False)
+        after_write.append(lambda: lens.save(tuned_lens_dir / model.name))
+        rows += tuned_lens_rows(model, lens, cap, encoded, where, np.random.default_rng(seed_for(seed, label, "tuned_lens")),
+                                n_boot=n_boot)
+    if patching and reference is not None and reference.record.identity != model.record.identity and len(cap.problem):
+        from analysis.patching import patch_rows
+
+        rows += patch_rows(model, reference, encoded, where, np.random.default_rng(seed_for(seed, label, "patching")),
+                           n_boot=n_boot, batch_size=batch_size, log=log)
     bar.update(1)
+    samples = []
     for strategy in strategies:
-        outcome = sample_outcomes(model, encoded, verify, strategy, n, seed_for(seed, strategy, "sample"))
+        outcome = sample_outcomes(model, encoded, verify, strategy, n, seed_for(seed, strategy, "sample"),
+                                  max_new_tokens=max_new_tokens, stop_strings=stop, reference=reference)
         rows += sample_rows(outcome, strategy, where, rng, ks=ks, n_boot=n_boot)
+        samples.append(pd.DataFrame(outcome.records).assign(strategy=strategy))
+        bar.update(1)
+    if forcing:
+        from analysis.forcing import forcing_outcomes, forcing_rows
+        from analysis.measure import native_budget
+
+        budget = max_new_tokens or native_budget(encoded, getattr(model, "n_ctx", None))
+        forced = forcing_outcomes(model, encoded, verify, forcing, seed_for(seed, strategies[0], "forcing"),
+                                  strategies[0], budget, stop)
+        rows += forcing_rows(forced, cap, encoded, strategies[0], ks, where, n_boot=n_boot)
         bar.update(1)
     bar.close()
-    return rows
+    return rows, samples_frame(samples, where)
 
 
-def probe_rows(cap, where: dict[str, Any], rng: np.random.Generator) -> list[dict]:
-    """Linear probes per layer for the taken and the valid branch, with control task and majority."""
-    from probes.linear import control_labels_for, probe_layers
+SAMPLE_COLUMNS = ("checkpoint", "phase", "step", "strategy", "problem", "sample", "kind", "text", "finished",
+                  "correct", "fork_branch", "fork_valid", "n_tokens")
 
-    rows = []
-    kinds = np.asarray(cap.kind)
-    for target, (sel, labels) in probe_labels(cap).items():
-        if sel.sum() < 2:
-            continue
-        y = labels[sel]
-        control = control_labels_for(y, kinds[sel], rng)
-        results = probe_layers(cap.resid[sel], y, cap.problem[sel], control, rng=rng)
-        for r in results:
-            if np.isnan(r.accuracy):
-                continue
-            rows.append(row(metric=f"probe_acc_{target}", value=r.accuracy, n=r.n_items, kind="all", layer=r.layer, **where))
-            rows.append(row(metric=f"probe_selectivity_{target}", value=r.selectivity, n=r.n_items, kind="all", layer=r.layer, **where))
-            rows.append(row(metric=f"probe_majority_{target}", value=r.majority, n=r.n_items, kind="all", layer=r.layer, **where))
-    return rows
+
+def samples_frame(frames: list[pd.DataFrame], where: dict[str, Any]) -> pd.DataFrame:
+    """Samples in ``SAMPLE_COLUMNS`` order (extra columns, a sweep's, after them)."""
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SAMPLE_COLUMNS)
+    for key, value in where.items():
+        if key != "format":
+            df[key] = value
+    df["fork_valid"] = df["fork_valid"].astype("boolean")
+    return df[list(SAMPLE_COLUMNS) + [c for c in df.columns if c not in SAMPLE_COLUMNS]]
 
 
 def _value(df: pd.DataFrame, metric: str, kind: str = "all", k: int | None = None, strategy: str | None = None) -> float:

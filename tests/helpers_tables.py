@@ -117,8 +117,6 @@ def synthetic_results(
                     row(**common, metric="probe_acc_valid", value=acc_valid, kind="all", layer=layer, n=n_forks),
                     row(**common, metric="probe_selectivity_taken", value=acc_taken - control, kind="all", layer=layer, n=n_forks),
                     row(**common, metric="probe_selectivity_valid", value=acc_valid - control, kind="all", layer=layer, n=n_forks),
-                    row(**common, metric="probe_majority_taken", value=0.5, kind="all", layer=layer, n=n_forks),
-                    row(**common, metric="probe_majority_valid", value=0.5, kind="all", layer=layer, n=n_forks),
                 ]
     return to_frame(rows)
 

@@ -116,7 +116,8 @@ def test_registry_scopes_captions_and_order():
     assert all(isinstance(s.caption, str) and s.caption.strip() for s in specs)
     assert F.FIGURES == tuple(s.stem for s in specs) == registry.stems()
     assert F.FIGURES == ("coverage_curves", "dynamics", "lens_mass_top_branch", "lens_mass_valid", "probes",
-                         "entropy_vs_coverage", "shrinkage_vs_prevalence", "sweep_coverage")
+                         "entropy_vs_coverage", "lens_kl", "branch_value", "patching", "shrinkage_vs_prevalence",
+                         "sweep_coverage")
     by = {s.stem: s for s in specs}
     assert by["lens_mass_top_branch"].fn is by["lens_mass_valid"].fn is F.lens_heatmap  # one function, two stems
     assert [s.stem for s in specs if s.scope == "sweep"] == ["shrinkage_vs_prevalence", "sweep_coverage"]

@@ -141,19 +141,76 @@ def test_lens_heatmap_cells_equal_table(run_df):
         F.lens_heatmap(run_df, kind="no-such-kind")
 
 
-def test_probe_heatmap_four_panels(run_df):
-    fig = F.probe_heatmap(run_df)
-    panels = [ax for ax in fig.axes if any(isinstance(c, QuadMesh) for c in ax.collections) and ax.get_title()]
-    assert len(panels) == 4
-    order = F.checkpoint_order(run_df)
-    for ax, metric in zip(panels, ("probe_acc_taken", "probe_acc_valid", "probe_selectivity_taken", "probe_selectivity_valid")):
+def _with_kind_probes(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with candidate-conditioned probe rows per kind (valid: no multi-valid forks) and chance."""
+    from analysis.table import row, to_frame
+
+    info = df[["checkpoint", "phase", "step"]].drop_duplicates()
+    layers = sorted({int(x) for x in df.loc[df["metric"] == "probe_acc_taken", "layer"].dropna()})
+    rows = []
+    for j, (ck, phase, step) in enumerate(info.itertuples(index=False)):
+        where = dict(checkpoint=ck, phase=phase, step=int(step))
+        for t, target in enumerate(("valid", "taken")):
+            for i, kind in enumerate(("indecipherable", "decipherable", "multi-valid", "all")):
+                if target == "valid" and kind == "multi-valid":
+                    continue
+                chance = 0.4 + 0.013 * i + 0.004 * t
+                rows.append(row(**where, metric=f"probe_chance_{target}", value=chance, kind=kind, n=60))
+                for layer in layers:
+                    acc = min(1.0, chance + 0.05 * layer * j + 0.01 * i)
+                    rows.append(row(**where, metric=f"probe_acc_{target}", value=acc, kind=kind, layer=layer, n=60))
+                    rows.append(row(**where, metric=f"probe_selectivity_{target}", value=acc - chance - 0.02 * t,
+                                    kind=kind, layer=layer, n=60))
+    rest = df[~df["metric"].str.startswith("probe_")]
+    return pd.concat([rest, to_frame(rows)], ignore_index=True)
+
+
+def _panels(fig):
+    return {ax.get_label(): ax for ax in fig.axes if "|" in ax.get_label()}
+
+
+def test_probe_heatmap_panels_equal_the_table(run_df):
+    df = _with_kind_probes(run_df)
+    fig = F.probe_heatmap(df)
+    panels = _panels(fig)
+    want = {f"probe_{m}_{t}|{k}" for t in ("valid", "taken") for m in ("acc", "selectivity")
+            for k in ("indecipherable", "decipherable", "multi-valid", "all") if not (t == "valid" and k == "multi-valid")}
+    assert set(panels) == want
+    assert len(fig.axes) == 16 + 4  # 4 rows x 4 kinds, a colorbar per row
+    order = F.checkpoint_order(df)
+    for label, ax in panels.items():
+        metric, kind = label.split("|")
         mesh = [c for c in ax.collections if isinstance(c, QuadMesh)][0]
         arr = np.asarray(mesh.get_array()).reshape(N_LAYERS + 1, N_CKPT)
-        assert arr[2, -1] == pytest.approx(_value(run_df, order[-1], metric, layer=2))
-    assert len(fig.axes) == 6  # four panels, two colorbars
+        for layer in range(N_LAYERS + 1):
+            for j, ck in enumerate(order):
+                assert arr[layer, j] == pytest.approx(_value(df, ck, metric, kind=kind, layer=layer))
+        if "_acc_" in metric:  # white = chance: the colour scale is centred on the table's chance
+            chance = _value(df, order[0], metric.replace("_acc_", "_chance_"), kind=kind)
+            assert mesh.norm.vcenter == pytest.approx(chance)
+            assert f"chance {chance:.2f}" in ax.get_title()
+            assert to_rgb(mesh.cmap(mesh.norm(chance))) == pytest.approx((0.97, 0.97, 0.97), abs=0.01)  # white
+        else:
+            assert mesh.norm(0.0) == pytest.approx(0.5)
+    notes = [t.get_text() for ax in fig.axes for t in ax.texts if "no single valid branch" in t.get_text()]
+    assert len(notes) == 2  # valid accuracy and selectivity at multi-valid forks
+
+
+def test_probe_heatmap_older_tables_and_missing_probes(run_df):
+    # only pooled ("all") rows and no chance: those panels drawn, centred on 0.5, the rest say why
+    fig = F.probe_heatmap(run_df)
+    panels = _panels(fig)
+    assert set(panels) == {f"probe_{m}_{t}|all" for t in ("valid", "taken") for m in ("acc", "selectivity")}
+    order = F.checkpoint_order(run_df)
+    mesh = [c for c in panels["probe_acc_valid|all"].collections if isinstance(c, QuadMesh)][0]
+    arr = np.asarray(mesh.get_array()).reshape(N_LAYERS + 1, N_CKPT)
+    assert arr[2, -1] == pytest.approx(_value(run_df, order[-1], "probe_acc_valid", layer=2))
+    assert mesh.norm.vcenter == 0.5 and "chance not in table" in panels["probe_acc_valid|all"].get_title()
     # a probe the table lacks leaves a labelled empty panel
     fig = F.probe_heatmap(run_df[run_df["metric"] != "probe_acc_valid"])
     assert any("not in the table" in t.get_text() for ax in fig.axes for t in ax.texts)
+    with pytest.raises(UsageError, match="probe"):
+        F.probe_heatmap(run_df[~run_df["metric"].str.startswith("probe_")])
 
 
 def test_entropy_vs_coverage_points_and_correlations():
@@ -245,7 +302,9 @@ def test_make_figures_writes_everything_a_run_supports(run_df, tmp_path):
     files, skipped = F.make_figures(run_df, tmp_path)
     assert {f.name for f in files} == {f"{n}.{e}" for n in F.FIGURES[:6] for e in ("pdf", "png")}
     _check_files(files)
-    assert sorted(s.split(":")[0] for s in skipped) == ["skipped shrinkage_vs_prevalence", "skipped sweep_coverage"]
+    # the synthetic table has no tuned-lens, forcing or patching rows: those figures say so
+    assert sorted(s.split(":")[0] for s in skipped) == ["skipped branch_value", "skipped lens_kl", "skipped patching",
+                                                       "skipped shrinkage_vs_prevalence", "skipped sweep_coverage"]
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
     assert dict(matplotlib.rcParams) == rc_before  # style did not leak
 
@@ -273,7 +332,7 @@ def test_make_figures_one_checkpoint_and_missing_metrics(tmp_path):
 def test_make_figures_sweep_and_bad_input(sweep_df, tmp_path):
     files, skipped = F.make_figures(sweep_df, tmp_path, formats=("png",))
     assert {f.stem for f in files} == {"shrinkage_vs_prevalence", "sweep_coverage"}
-    assert len(skipped) == 6 and all("sweep table" in s for s in skipped)
+    assert len(skipped) == 9 and all("sweep table" in s for s in skipped)
     with pytest.raises(UsageError, match="formats"):
         F.make_figures(sweep_df, tmp_path, formats=("jpeg",))
     with pytest.raises(UsageError, match="missing column"):

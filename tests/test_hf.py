@@ -286,3 +286,27 @@ def test_probes_run_end_to_end_on_hf_directories(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| pass@1 "))
     assert row.split("|")[2].strip().startswith(f"{pass1['gpt2-base']:.3f}")
     assert row.split("|")[3].strip().startswith(f"{pass1['gpt2-sft-100']:.3f}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stepper_left_padding_equals_each_unpadded_row(ckpts, arch):
+    """Prompts of lengths 2, 6 and 4 prefilled together (left-padded): every row equals a plain
+    forward over its own tokens, at the prompt and at each step."""
+    ck = ckpts[arch]
+    g = torch.Generator().manual_seed(8)
+    lengths = [2, 6, 4]
+    rows = [torch.randint(3, len(ck.tokenizer), (n,), generator=g) for n in lengths]
+    padded = torch.full((3, 6), ck.tokenizer.pad_id)
+    for i, r in enumerate(rows):
+        padded[i, 6 - len(r):] = r
+    stepper = ck.stepper(64)
+    logits = stepper.prefill(padded, max_new_tokens=4, repeats=2, lengths=torch.tensor(lengths))
+    seqs = [r.repeat(2, 1) for r in rows]
+    for step in range(4):
+        with torch.no_grad():
+            ref = torch.cat([ck.module(input_ids=s).logits[:, -1] for s in seqs])
+        torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
+        nxt = torch.randint(3, len(ck.tokenizer), (6,), generator=g)
+        seqs = [torch.cat([s, nxt[2 * i: 2 * i + 2, None]], dim=1) for i, s in enumerate(seqs)]
+        if step < 3:
+            logits = stepper.step(nxt)

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -109,8 +107,25 @@ def test_same_seed_same_numbers(tiny_run, tmp_path):
     pd.testing.assert_frame_equal(a, b)
 
 
+class _Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "probes", *args], capture_output=True, text=True)
+    """The CLI edge in-process (what these tests check is its message and exit code, not a Python start)."""
+    import contextlib
+    import io
+
+    from probes.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return _Result(code, out.getvalue(), err.getvalue())
 
 
 def _one_line_exit_2(r, needle):

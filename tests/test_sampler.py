@@ -306,3 +306,81 @@ def test_cuda_model_with_cpu_generator():
     with torch.no_grad():
         stepper = NativeKVStepper(model)
         torch.testing.assert_close(stepper.prefill(prompts.cuda()), model(prompts.cuda())[:, -1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_left_padded_prompts_equal_their_unpadded_forwards(name):
+    """Prompts of lengths 3, 7 and 5 in one prefill: each row, at every step, gives the logits of
+    a full forward over its own unpadded tokens (positions from its first real token)."""
+    model = _model(**CONFIGS[name])
+    lengths = [3, 7, 5]
+    rows = [_prompts(1, n, seed=10 + n)[0] for n in lengths]
+    width = max(lengths)
+    padded = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        padded[i, width - len(r):] = r
+    stepper = NativeKVStepper(model)
+    logits = stepper.prefill(padded, max_new_tokens=5, repeats=2, lengths=torch.tensor(lengths))
+    seqs = [r.repeat(2, 1) for r in rows]  # rows of the cache: each prompt twice, adjacent
+    g = torch.Generator().manual_seed(5)
+    for step in range(5):
+        with torch.no_grad():
+            ref = torch.cat([model(s)[:, -1] for s in seqs])
+        torch.testing.assert_close(logits, ref, atol=2e-5, rtol=0)
+        nxt = torch.randint(0, VOCAB, (6,), generator=g)
+        seqs = [torch.cat([s, nxt[2 * i: 2 * i + 2, None]], dim=1) for i, s in enumerate(seqs)]
+        if step < 4:
+            logits = stepper.step(nxt)
+
+
+def test_generate_mixes_prompt_lengths_and_keeps_problem_order():
+    """Greedy samples of a ragged batch equal each prompt sampled alone, in the caller's order."""
+    from hooks.sampler import generate
+
+    model = _model()
+    rows = [_prompts(1, n, seed=20 + n)[0].tolist() for n in (6, 3, 9, 3)]
+    g = torch.Generator().manual_seed(0)
+    both = generate(model, rows, n=2, max_new_tokens=6, stop_ids=[7, 11], pad_id=0, strategy="greedy",
+                    generator=g, batch_size=8)
+    assert both.tokens.shape == (4, 2, 6) and both.finished.shape == (4, 2)
+    for i, r in enumerate(rows):
+        alone = generate(model, [r], n=2, max_new_tokens=6, stop_ids=[7, 11], pad_id=0, strategy="greedy",
+                         generator=torch.Generator().manual_seed(0))
+        assert torch.equal(both.tokens[i], alone.tokens[0]) and torch.equal(both.finished[i], alone.finished[0])
+        for s, done in zip(both.tokens[i].tolist(), both.finished[i].tolist()):
+            hit = [t for t, tok in enumerate(s) if tok in (7, 11)]
+            assert done == bool(hit)  # finished exactly when a stop id came within the budget
+            if hit:
+                assert all(tok == 0 for tok in s[hit[0] + 1:])  # pad after the stop
+
+
+def test_equal_length_prompts_give_the_samples_they_always_did():
+    """A tensor of equal-length prompts takes the unpadded path: the same draws as before padding existed."""
+    from hooks.sampler import generate
+
+    model = _model()
+    prompts = _prompts(5, 6)
+    kw = dict(n=4, max_new_tokens=5, pad_id=0, strategy="temperature:1", batch_size=8)
+    a = sample(model, prompts, eos_id=3, generator=torch.Generator().manual_seed(3), **kw)
+    b = generate(model, [p.tolist() for p in prompts], stop_ids=3, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a, b.tokens)
+    assert torch.equal(b.finished, (a == 3).any(dim=-1))
+
+
+def test_stop_check_marks_rows_finished_without_a_stop_id():
+    from hooks.sampler import generate
+
+    model = _model()
+    seen = []
+
+    def stop_after_four(tokens):  # a "stop string" that every sample reaches after 4 tokens
+        seen.append(tokens.shape[1])
+        return torch.full((tokens.shape[0],), tokens.shape[1] >= 4)
+
+    out = generate(model, _prompts(2, 5), n=3, max_new_tokens=10, stop_ids=[VOCAB + 5], pad_id=0,
+                   strategy="temperature:1", generator=torch.Generator().manual_seed(1), stop_check=stop_after_four,
+                   check_every=2)
+    assert out.finished.all() and seen == [2, 4]  # checked every 2 steps; the chunk stopped once all were done
+    none = generate(model, _prompts(2, 5), n=3, max_new_tokens=3, stop_ids=[VOCAB + 5], pad_id=0,
+                    strategy="temperature:1", generator=torch.Generator().manual_seed(1))
+    assert not none.finished.any()  # ran out of budget: truncated

@@ -133,15 +133,17 @@ def test_error_messages_keep_their_phrases(spec, phrase):
 
 
 # ----------------------------------------------------------------------------- registry
-SIX = ["greedy", "temperature", "top_p", "min_p", "fork_temp", "fork_stratified"]
+SIX = ["greedy", "temperature", "top_p", "min_p", "fork_temp", "fork_stratified", "ref_mix"]
+"""Every registered strategy (seven since ref_mix; the name stayed)."""
 
 
-def test_registry_lists_exactly_the_six_strategies():
+def test_registry_lists_exactly_the_registered_strategies():
     assert strategy_names() == SIX
     classes = registered_strategies()
     assert list(classes) == SIX
-    assert [c.__name__ for c in classes.values()] == ["Greedy", "Temperature", "TopP", "MinP", "ForkTemperature", "ForkStratified"]
-    assert not any(c.needs_reference for c in classes.values())
+    assert [c.__name__ for c in classes.values()] == ["Greedy", "Temperature", "TopP", "MinP", "ForkTemperature",
+                                                      "ForkStratified", "RefMix"]
+    assert [c.name for c in classes.values() if c.needs_reference] == ["ref_mix"]
 
 
 @pytest.mark.parametrize("name", SIX)
@@ -361,6 +363,7 @@ class ScriptedStepper:
 
     def step(self, next_ids):
         self.t += 1
+        self.steps = getattr(self, "steps", 0) + 1
         return self.logits_fn(self.t, self.rows)
 
 
@@ -420,3 +423,81 @@ def test_fork_stratified_low_entropy_everywhere_is_temperature_one():
     b = t1(logits, RowState.fresh(4), torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     assert math.isclose(entropy(logits)[0].item(), -(0.9 * math.log(0.9) + 0.1 * math.log(0.05)), abs_tol=1e-6)
+
+
+
+# ----------------------------------------------------------------------------- ref_mix
+
+
+def _ref_pair():
+    g = torch.Generator().manual_seed(3)
+    model = torch.randn(4, 9, generator=g) * 2
+    ref = model.clone()
+    ref[1] = torch.randn(9, generator=g)  # rows 1 and 3 diverge
+    ref[3, 0] += 6.0
+    return model, ref
+
+
+def test_ref_mix_is_its_definition_on_hand_built_logits():
+    s = parse_strategy("ref_mix:0.3,0.05")
+    model, ref = _ref_pair()
+    p, q = torch.softmax(model.double(), -1), torch.softmax(ref.double(), -1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    want = torch.where((kl >= 0.05)[:, None], 0.7 * p + 0.3 * q, p)
+    torch.testing.assert_close(s.probs_with(model, ref).double(), want, atol=1e-6, rtol=0)
+    assert bool((kl[[0, 2]] == 0).all()) and bool((kl[[1, 3]] > 0.05).all())
+    torch.testing.assert_close(s.divergence(model, ref).double(), kl, atol=1e-6, rtol=0)
+    assert str(s) == "ref_mix:0.3,0.05" and parse_strategy(str(s)) == s
+
+
+def test_ref_mix_where_the_models_agree_is_exactly_the_model():
+    from hooks.strategies import RowState
+
+    s = parse_strategy("ref_mix:0.9,0.0")  # tau 0: every row with any divergence mixes ...
+    model, _ = _ref_pair()
+    u = torch.rand(4, generator=torch.Generator().manual_seed(0))
+    state = RowState.fresh(4)
+    state.uniforms, state.reference_logits = u, model.clone()  # ... but the reference IS the model
+    ids = s(model, state, torch.Generator())
+    plain = parse_strategy("temperature:1")(model, RowState(sample_index=torch.arange(4), uniforms=u), torch.Generator())
+    assert torch.equal(ids, plain)
+
+
+def test_ref_mix_needs_a_reference_and_one_vocabulary():
+    from hooks.sampler import sample
+    from hooks.strategies import RowState
+
+    s = parse_strategy("ref_mix:0.5,0.1")
+    model, ref = _ref_pair()
+    with pytest.raises(UsageError, match="needs a reference model"):
+        s(model, RowState.fresh(4), torch.Generator())
+    with pytest.raises(UsageError, match="one vocabulary"):
+        s.probs_with(model, ref[:, :5])
+    with pytest.raises(UsageError, match="needs a reference model"):
+        sample(ScriptedStepper(lambda t, rows: torch.zeros(rows, 5)), torch.zeros(1, 2, dtype=torch.long), n=2,
+               max_new_tokens=2, eos_id=0, pad_id=0, strategy=s, generator=torch.Generator())
+    for bad in ("ref_mix:1.5,0.1", "ref_mix:0.5,-1", "ref_mix:0.5"):
+        with pytest.raises(UsageError):
+            parse_strategy(bad)
+
+
+def test_ref_mix_in_the_sampler_runs_both_models_in_lockstep():
+    """Two scripted models: the model always says token 1, the reference always token 2. With
+    L = 1 and tau 0 every diverged row samples the reference, so every token is 2."""
+    from hooks.sampler import generate
+
+    def always(tok):
+        def fn(t, rows):
+            logits = torch.full((rows, 5), -30.0)
+            logits[:, tok] = 30.0
+            return logits
+
+        return fn
+
+    model, ref = ScriptedStepper(always(1)), ScriptedStepper(always(2))
+    out = generate(model, torch.zeros(2, 3, dtype=torch.long), n=3, max_new_tokens=4, stop_ids=4, pad_id=0,
+                   strategy="ref_mix:1,0", generator=torch.Generator().manual_seed(0), reference=ref)
+    assert (out.tokens == 2).all() and model.steps == ref.steps == 3
+    out = generate(model, torch.zeros(2, 3, dtype=torch.long), n=3, max_new_tokens=4, stop_ids=4, pad_id=0,
+                   strategy="ref_mix:0,0", generator=torch.Generator().manual_seed(0), reference=ref)
+    assert (out.tokens == 1).all()  # L = 0: the model alone

@@ -6,15 +6,6 @@ import pytest
 from training.errors import UsageError
 
 
-@pytest.fixture(scope="module")
-def quick_sweep(tmp_path_factory):
-    from probes.api import sweep
-
-    out = tmp_path_factory.mktemp("sweep")
-    df = sweep(out=out, quick=True, workers=1, progress=False, log=lambda *_: None)
-    return out, df
-
-
 def test_quick_sweep_table(quick_sweep):
     out, df = quick_sweep
     assert {"task", "prevalence", "policy", "seed", "strategy"} <= set(df.columns)
@@ -41,7 +32,7 @@ def test_quick_sweep_figures_and_resume(quick_sweep, tmp_path):
     for task in set(df.task):
         assert f"| {task} | Spearman ρ |" in text
     # a second call finds every cell done and rebuilds the same table
-    again = sweep(out=out, quick=True, progress=False, log=lambda *_: None)
+    again = sweep(out=out, quick=True, workers=1, progress=False, log=lambda *_: None)
     pd.testing.assert_frame_equal(df, again)
 
 

@@ -32,6 +32,7 @@ class WordTokenizer:
         self.index = {w: i for i, w in enumerate(vocab)}
         self.pad_id = 0
         self.eos_id = 1
+        self.stop_ids = frozenset([self.eos_id])
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -59,6 +60,10 @@ class WordTokenizer:
                 )
             out.append((tok, (m.start(), m.end())))
         return out
+
+    def chat_prompt(self, user: str) -> str:
+        raise UsageError("--chat-template needs a Hugging Face tokenizer with a chat template; "
+                         "native checkpoints take prompts as written")
 
     def decode(self, ids: Sequence[int]) -> str:
         return " ".join(self.vocab[i] for i in ids)

@@ -8,7 +8,8 @@ supports, in registration order. The table's conventions (checkpoint order, base
 strategy) live in :mod:`analysis.conventions`, the sweep statistics in :mod:`analysis.sweep_stats`.
 
 Modules: ``style`` (rc context, colours, sizes), ``run`` (coverage curves, dynamics), ``heatmaps``
-(logit lens, probes), ``scatter`` (entropy vs coverage), ``sweep`` (sweep figures), ``make``.
+(logit lens, probes), ``scatter`` (entropy vs coverage), ``mechanism`` (tuned lens, branch
+value, patching), ``sweep`` (sweep figures), ``make``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from analysis.conventions import (
 )
 from analysis.figures import registry
 
-# Import order is registration order, which is draw order: keep run, heatmaps, scatter, sweep.
+# Import order is registration order, which is draw order: keep run, heatmaps, scatter, mechanism, sweep.
 # isort: off
 from analysis.figures.run import coverage_curves, dynamics
 from analysis.figures.heatmaps import lens_heatmap, probe_heatmap
 from analysis.figures.scatter import entropy_vs_coverage
+from analysis.figures.mechanism import branch_values, lens_kl, patching_recovery
 from analysis.figures.sweep import shrinkage_vs_prevalence, sweep_coverage
 # isort: on
 from analysis.figures.make import make_figures
@@ -42,6 +44,9 @@ __all__ = [
     "lens_heatmap",
     "probe_heatmap",
     "entropy_vs_coverage",
+    "lens_kl",
+    "branch_values",
+    "patching_recovery",
     "shrinkage_vs_prevalence",
     "sweep_coverage",
     "make_figures",

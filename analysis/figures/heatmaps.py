@@ -7,7 +7,8 @@ from typing import Callable
 import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.colors import Normalize, to_rgb
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize, TwoSlopeNorm, to_rgb
 from matplotlib.figure import Figure
 
 from analysis.conventions import checkpoint_label, checkpoint_order, kind_rows, pick_kind, require_columns, select_rows
@@ -15,7 +16,7 @@ from analysis.figures.registry import figure
 from analysis.figures.style import COL_W, PAGE_W, kind_label, new_figure, paper_style
 from training.errors import UsageError
 
-__all__ = ["lens_heatmap", "probe_heatmap"]
+__all__ = ["PROBE_KINDS", "PROBE_TARGETS", "lens_heatmap", "probe_heatmap"]
 
 
 def _heatmap(ax, mat: np.ndarray, *, xlabels, ylabels, cmap, norm, annotate: bool, fontsize: float):
@@ -139,75 +140,121 @@ figure(
 )(lens_heatmap)
 
 
-_PROBE_PANELS = (
-    ("probe_acc_taken", "taken branch"),
-    ("probe_acc_valid", "valid branch"),
-    ("probe_selectivity_taken", "taken branch"),
-    ("probe_selectivity_valid", "valid branch"),
-)
+PROBE_TARGETS = ("valid", "taken")
+"""The probe targets the figure draws, one accuracy and one selectivity row each."""
+
+PROBE_KINDS = ("indecipherable", "decipherable", "multi-valid", "all")
+"""One column per kind."""
+
+
+def _probe_chance(df: pd.DataFrame, target: str, kind: str) -> float | None:
+    """The table's chance for (target, kind): one value per checkpoint, averaged (the eval forks are the same)."""
+    vals = kind_rows(df[df["metric"] == f"probe_chance_{target}"], kind)["value"].to_numpy(float)
+    vals = vals[np.isfinite(vals)]
+    return float(vals.mean()) if vals.size else None
 
 
 @figure(
     "probes",
     scope="run",
-    caption="Linear probes per layer and checkpoint: accuracy (top) and selectivity = accuracy minus control-task accuracy (bottom), for the taken and the valid branch.",
+    caption="Candidate-conditioned linear probes per layer (y) and checkpoint (x), one column per decision-point kind: "
+    "accuracy for the valid and for the taken branch (white = chance, given in each panel's title) and selectivity = "
+    "accuracy minus control-task accuracy (white = 0).",
 )
-def probe_heatmap(df: pd.DataFrame, *, kind: str | None = None) -> Figure:
-    """Linear probes: accuracy (top row) and selectivity = accuracy - control accuracy (bottom row).
+def probe_heatmap(
+    df: pd.DataFrame, *, targets: tuple[str, ...] = PROBE_TARGETS, kinds: tuple[str, ...] = PROBE_KINDS
+) -> Figure:
+    """Probes: for each target an accuracy row and a selectivity row of layer x checkpoint panels, one per kind.
 
-    Each panel is layer x checkpoint; `kind` defaults to 'all' (else whatever kind the probes have).
-    A probe the table lacks leaves its panel with a note instead of cells.
+    Accuracy colours are centred on the panel's chance (``probe_chance_<target>``: white = chance,
+    red above, blue below; 0.5 where the table has no chance row), selectivity on 0. A panel the
+    table has no rows for says so instead of drawing cells. Each drawn panel's ``get_label()`` is
+    ``"<metric>|<kind>"``.
     """
     require_columns(df)
-    present = [m for m, _ in _PROBE_PANELS if m in set(df["metric"])]
-    if not present:
+    metrics = {f"probe_{what}_{t}" for t in targets for what in ("acc", "selectivity")}
+    if not metrics & set(df["metric"]):
         raise UsageError("probe_heatmap needs probe_acc_* / probe_selectivity_* rows; the table has none (run with probes on)")
-    if kind is None:
-        kind = pick_kind(df, present[0], ["all", ""])
-    mats = {}
-    for metric in present:
-        sub = kind_rows(df[df["metric"] == metric], kind)
-        if sub.empty:
-            continue
-        select_rows(sub, metric, what="probe_heatmap")  # one run only
-        mats[metric] = _layer_matrix(df, sub)
+    mats: dict[tuple[str, str], tuple[np.ndarray, list[str], list[int]]] = {}
+    for metric in sorted(metrics):
+        for kind in kinds:
+            sub = kind_rows(df[df["metric"] == metric], kind)
+            if sub.empty:
+                continue
+            select_rows(sub, metric, what="probe_heatmap")  # one run only
+            mat = _layer_matrix(df, sub)
+            if mat[0].size:
+                mats[(metric, kind)] = mat
     if not mats:
-        raise UsageError(f"probe_heatmap needs probe rows of kind {kind!r}; the table has none")
+        raise UsageError(f"probe_heatmap needs probe rows with a layer for kinds {list(kinds)}; the table has none")
     ncol = max(len(o) for _, o, _ in mats.values())
     nrow = max(len(l) for _, _, l in mats.values())
-    w, h, annotate, fs = _heatmap_size(ncol, nrow, panels=2)
-    sel_max = max([float(np.nanmax(np.abs(m))) for name, (m, _, _) in mats.items() if "selectivity" in name and np.isfinite(m).any()] or [0.5])
-    norms = {"acc": Normalize(0.0, 1.0), "sel": Normalize(-sel_max, sel_max)}
+    w, h, annotate, fs = _heatmap_size(ncol, nrow, panels=len(kinds))
+    sels = [m for (metric, _), (m, _, _) in mats.items() if "selectivity" in metric and np.isfinite(m).any()]
+    sel_max = max([float(np.nanmax(np.abs(m))) for m in sels] + [0.05])
+    sel_norm = Normalize(-sel_max, sel_max)
+    cmap = "RdBu_r"
     with paper_style():
-        fig = new_figure(w, 2 * h + 0.2)
-        axes = fig.subplots(2, 2, squeeze=False)
-        meshes = {}
-        for ax, (metric, title) in zip(axes.flat, _PROBE_PANELS):
-            row = "sel" if "selectivity" in metric else "acc"
-            ax.set_title(f"{'accuracy' if row == 'acc' else 'selectivity'}, {title}")
-            if metric not in mats:
-                ax.text(0.5, 0.5, f"{metric}\nnot in the table", ha="center", va="center", transform=ax.transAxes, color="0.4")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                continue
-            mat, order, layers = mats[metric]
-            meshes[row] = _heatmap(
-                ax,
-                mat,
-                xlabels=[checkpoint_label(df, c, short=True) for c in order],
-                ylabels=[str(l) for l in layers],
-                cmap="viridis" if row == "acc" else "RdBu_r",
-                norm=norms[row],
-                annotate=annotate,
-                fontsize=fs,
-            )
-            ax.set_xlabel("checkpoint (SFT step)")
-        for ax in axes[:, 0]:
-            ax.set_ylabel("layer (0 = before block 0)")
-        for r, row in enumerate(("acc", "sel")):
-            if row in meshes:
-                cb = fig.colorbar(meshes[row], ax=list(axes[r]), shrink=0.9, pad=0.02)
-                cb.set_label("accuracy" if row == "acc" else "selectivity\n(acc. - control acc.)")
-                cb.outline.set_visible(False)
-        fig.suptitle(f"Linear probes at forks ({kind_label(kind)})", fontsize=8.5)
+        fig = new_figure(w, 2 * len(targets) * 0.85 * h + 0.3)
+        axes = fig.subplots(2 * len(targets), len(kinds), squeeze=False)
+        for r, (target, what) in enumerate((t, wh) for t in targets for wh in ("acc", "selectivity")):
+            metric = f"probe_{what}_{target}"
+            for c, kind in enumerate(kinds):
+                ax = axes[r, c]
+                drawn = (metric, kind) in mats
+                chance = _probe_chance(df, target, kind) if what == "acc" else None
+                head = kind_label(kind) if r == 0 else ""
+                if what == "acc" and drawn:
+                    sub = f"chance {chance:.2f}" if chance is not None else "chance not in table"
+                    ax.set_title(f"{head}\n{sub}" if head else sub)
+                elif head:
+                    ax.set_title(head)
+                if c == 0:
+                    ax.set_ylabel(f"{target}: {'accuracy' if what == 'acc' else 'selectivity'}\nlayer")
+                if not drawn:
+                    if metric not in set(df["metric"]):
+                        why = f"{metric}\nnot in the table"
+                    elif target == "valid" and kind == "multi-valid":
+                        why = "multi-valid forks have\nno single valid branch"
+                    else:
+                        why = f"no {metric} rows\nfor {kind} forks"
+                    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="0.4")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    for side in ("top", "right", "bottom", "left"):
+                        ax.spines[side].set_visible(False)
+                    continue
+                mat, order, layers = mats[(metric, kind)]
+                if what == "acc":
+                    centre = chance if chance is not None and 0.0 < chance < 1.0 else 0.5
+                    norm = TwoSlopeNorm(vmin=0.0, vcenter=centre, vmax=1.0)
+                else:
+                    norm = sel_norm
+                _heatmap(
+                    ax,
+                    mat,
+                    xlabels=[checkpoint_label(df, ck, short=True) for ck in order],
+                    ylabels=[str(l) for l in layers],
+                    cmap=cmap,
+                    norm=norm,
+                    annotate=annotate,
+                    fontsize=fs,
+                )
+                ax.set_label(f"{metric}|{kind}")
+                if r < 2 * len(targets) - 1:
+                    ax.set_xticklabels([])
+                else:
+                    ax.set_xlabel("checkpoint (SFT step)")
+                if c > 0:
+                    ax.set_yticklabels([])
+            if what == "acc":
+                sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
+                cb = fig.colorbar(sm, ax=list(axes[r]), shrink=0.9, pad=0.02, ticks=[0.0, 0.5, 1.0])
+                cb.ax.set_yticklabels(["0", "chance", "1"])
+                cb.set_label("accuracy")
+            else:
+                cb = fig.colorbar(ScalarMappable(norm=sel_norm, cmap=cmap), ax=list(axes[r]), shrink=0.9, pad=0.02)
+                cb.set_label("selectivity\n(acc. - control)")
+            cb.outline.set_visible(False)
+        fig.suptitle("Candidate-conditioned probes at forks", fontsize=8.5)
     return fig
