@@ -24,9 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from analysis.measure import ForkCapture, Verifier, _by_kind, cut_at_stop, seed_for
-from analysis.passk import bootstrap_mean_ci, pass_at_k_array
-from analysis.table import row
+from analysis.measure import ForkCapture, Verifier, _by_kind, cut_at_stop, estimate_row, seed_for
+from analysis.passk import pass_at_k_array
 from hooks.base import Instrumented
 from hooks.encode import EncodedProblem
 from training.errors import UsageError
@@ -114,11 +113,9 @@ def forcing_rows(out: ForcingOutcome, cap: ForkCapture, encoded: Sequence[Encode
     rows: list[dict] = []
 
     def add(metric: str, values: np.ndarray, kind: str, k: int | None = None) -> None:
-        values = values[~np.isnan(values)]
-        if len(values):
-            est = bootstrap_mean_ci(values, rng, n_boot=n_boot)
-            rows.append(row(metric=metric, value=est.value, ci_low=est.low, ci_high=est.high, n=len(values),
-                            kind=kind, k=k, strategy=strategy, **where))
+        r = estimate_row(metric, values, rng, n_boot, where, kind=kind, k=k, strategy=strategy)
+        if r is not None:
+            rows.append(r)
 
     for kind, sel in _by_kind(out.kind):
         add("branch_value_valid", valid_v[sel], kind)

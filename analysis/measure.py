@@ -21,7 +21,7 @@ from hooks.distributions import unusable
 from analysis.passk import bootstrap_mean_ci, ks_for, pass_at_k_array
 from analysis.table import KINDS, row
 from hooks.base import Instrumented
-from hooks.encode import EncodedProblem
+from hooks.encode import EncodedProblem, pad_ids
 from training.errors import UsageError
 from training.schema import Problem
 
@@ -58,14 +58,6 @@ def _refuse_non_finite(ok: bool, model: Instrumented, what: str) -> None:
                          f"{getattr(model, 'dtype', 'float32')}, or damaged weights); no number is reported for it")
 
 
-def _pad(rows: Sequence[Sequence[int]], fill: int) -> Tensor:
-    width = max(1, max(len(r) for r in rows))
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
 @torch.inference_mode()
 def teacher_forced(model: Instrumented, problems: Sequence[EncodedProblem], batch_size: int = 64) -> ForkCapture:
     """One forward pass per batch on the gold prefix; reads only decision and completion positions."""
@@ -73,12 +65,12 @@ def teacher_forced(model: Instrumented, problems: Sequence[EncodedProblem], batc
     acc: dict[str, list] = {k: [] for k in ("problem", "kind", "entropy", "mass", "bmask", "vmask", "lmass", "lkl", "resid", "oent", "okind")}
     for start in range(0, len(problems), batch_size):
         batch = [p for p in problems[start : start + batch_size]]
-        ids = _pad([p.ids for p in batch], model.tokenizer.pad_id)
-        attn = _pad([[1] * len(p.ids) for p in batch], 0).bool()
+        ids = pad_ids([p.ids for p in batch], model.tokenizer.pad_id)
+        attn = pad_ids([[1] * len(p.ids) for p in batch], 0).bool()
         # logits at every completion prediction position (prompt_len-1 .. len-2), residuals at forks
         logit_pos = [list(range(p.prompt_len - 1, len(p.ids) - 1)) for p in batch]
         fork_read = [[f.pos - 1 for f in p.forks] or [0] for p in batch]
-        logits, resid = model.capture(ids, attn, _pad(fork_read, 0), _pad(logit_pos, 0))
+        logits, resid = model.capture(ids, attn, pad_ids(fork_read, 0), pad_ids(logit_pos, 0))
         logits = logits.float()
         _refuse_non_finite(not bool(unusable(logits).any()), model, "logits")
         _refuse_non_finite(bool(torch.isfinite(resid).all()), model, "residual stream")
@@ -138,17 +130,26 @@ def _by_kind(kinds: Sequence[str]) -> list[tuple[str, np.ndarray]]:
     return out + [("all", np.ones(len(kinds), dtype=bool))] if len(kinds) else out
 
 
+def estimate_row(metric: str, values: np.ndarray, rng: np.random.Generator, n_boot: int, where: dict[str, Any],
+                 **cols: Any) -> dict | None:
+    """The mean of ``values`` (NaN left out) with its bootstrap interval as one table row; None
+    when no value is left. Every measurement's row is made here, so they all read alike."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return None
+    est = bootstrap_mean_ci(values, rng, n_boot=n_boot)
+    return row(metric=metric, value=est.value, ci_low=est.low, ci_high=est.high, n=len(values), **cols, **where)
+
+
 def fork_rows(cap: ForkCapture, where: dict[str, Any], rng: np.random.Generator, n_boot: int = 1000) -> list[dict]:
     """entropy_fork / entropy_other, branch mass, and the logit lens per layer, per kind."""
     rows: list[dict] = []
 
     def add(metric: str, values: np.ndarray, kind: str, layer: int | None = None) -> None:
-        values = values[~np.isnan(values)]
-        if not len(values):
-            return
-        est = bootstrap_mean_ci(values, rng, n_boot=n_boot)
-        rows.append(row(metric=metric, value=est.value, ci_low=est.low, ci_high=est.high, n=len(values),
-                        kind=kind, layer=layer, **where))
+        r = estimate_row(metric, values, rng, n_boot, where, kind=kind, layer=layer)
+        if r is not None:
+            rows.append(r)
 
     mass = torch.from_numpy(cap.mass)
     bmask = torch.from_numpy(cap.branch_mask)

@@ -32,11 +32,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from analysis.metrics import branch_mass, renormalised
-from analysis.passk import bootstrap_mean_ci
-from analysis.table import row
 from hooks.base import Instrumented
 from hooks.distributions import unusable
-from hooks.encode import EncodedProblem
+from hooks.encode import EncodedProblem, pad_ids
 from training.errors import UsageError
 
 DEFAULT_MIN_SHIFT = 0.02
@@ -105,14 +103,6 @@ class PatchCapture:
                 f"reference's top-branch shares differ by less than {self.min_shift}")
 
 
-def _pad(rows: Sequence[Sequence[int]], fill: int) -> Tensor:
-    width = max(1, max(len(r) for r in rows))
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
 def _shares(logits: Float[Tensor, "items *layer vocab"], bids: Tensor, bmask: Tensor) -> Tensor:
     return renormalised(branch_mass(logits.float(), bids, bmask), bmask)
 
@@ -133,9 +123,9 @@ def patch_capture(model: Instrumented, reference: Instrumented, encoded: Sequenc
     acc: dict[str, list] = {k: [] for k in ("problem", "kind", "top", "sm", "sr", "smp", "srp")}
     for start in range(0, len(problems), batch_size):
         batch = problems[start: start + batch_size]
-        ids = _pad([p.ids for p in batch], model.tokenizer.pad_id)
-        attn = _pad([[1] * len(p.ids) for p in batch], 0).bool()
-        read = _pad([[f.pos - 1 for f in p.forks] for p in batch], 0)
+        ids = pad_ids([p.ids for p in batch], model.tokenizer.pad_id)
+        attn = pad_ids([[1] * len(p.ids) for p in batch], 0).bool()
+        read = pad_ids([[f.pos - 1 for f in p.forks] for p in batch], 0)
         lm, rm = model.capture(ids, attn, read, read)
         lr, rr = reference.capture(ids, attn, read, read)
         _refuse(model, lm, "teacher-forced")
@@ -206,7 +196,7 @@ def patch_rows(model: Instrumented, reference: Instrumented, encoded: Sequence[E
     Forks where the checkpoint and the reference agree (|shift| < ``min_shift``) give no value;
     their count goes to ``log`` (and is on ``cap.skipped`` when a capture is passed in).
     """
-    from analysis.measure import _by_kind
+    from analysis.measure import _by_kind, estimate_row
 
     if cap is None:
         cap = patch_capture(model, reference, encoded, batch_size=batch_size, min_shift=min_shift)
@@ -218,12 +208,9 @@ def patch_rows(model: Instrumented, reference: Instrumented, encoded: Sequence[E
     recovered, induced = cap.recovered(), cap.induced()
 
     def add(metric: str, values: np.ndarray, kind: str, layer: int) -> None:
-        values = values[~np.isnan(values)]
-        if not len(values):
-            return
-        est = bootstrap_mean_ci(values, rng, n_boot=n_boot)
-        rows.append(row(metric=metric, value=est.value, ci_low=est.low, ci_high=est.high, n=len(values),
-                        kind=kind, layer=layer, **where))
+        r = estimate_row(metric, values, rng, n_boot, where, kind=kind, layer=layer)
+        if r is not None:
+            rows.append(r)
 
     for kind, sel in _by_kind(cap.kind):
         for layer in range(recovered.shape[1]):

@@ -7,7 +7,6 @@ against the table), so the text cannot drift from the data.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +29,9 @@ from analysis.figures import registry
 from analysis.mitigation import won_back, won_back_summary
 from analysis.sweep_stats import sweep_shrinkage, sweep_spearman, sweep_summary
 from analysis.table import KINDS
+from analysis.report_format import _f, _pair, _plain, _with_ci
+from analysis.report_mechanism import mechanism_numbers, mechanism_sentences, probe_best, skipped_sentence
+from analysis.report_sweep import sweep_section
 from training.errors import UsageError
 from training.io import atomic_write
 
@@ -44,23 +46,6 @@ COLLAPSE_MIN_RISE = 0.02
 
 
 # --------------------------------------------------------------------------- numbers
-
-
-def _one(df: pd.DataFrame, checkpoint: str, metric: str, **match: Any) -> dict[str, float] | None:
-    """The single row of `metric` for `checkpoint` matching `match` (kind 'all' also matches ''), or None."""
-    sub = df[(df["checkpoint"] == checkpoint) & (df["metric"] == metric)]
-    if "kind" in match:
-        sub = kind_rows(sub, match.pop("kind"))
-    for col, val in match.items():
-        sub = sub[sub[col] == val]
-    if sub.empty:
-        return None
-    r = sub.iloc[0]
-    return {"value": float(r["value"]), "ci_low": float(r["ci_low"]), "ci_high": float(r["ci_high"]), "n": int(r["n"])}
-
-
-def _pair(df: pd.DataFrame, base: str, final: str, metric: str, **match: Any) -> dict[str, Any]:
-    return {"base": _one(df, base, metric, **dict(match)), "final": _one(df, final, metric, **dict(match))}
 
 
 def _collapse_layer(df: pd.DataFrame, base: str, final: str) -> dict[str, Any] | None:
@@ -165,45 +150,12 @@ def key_numbers(df: pd.DataFrame) -> dict[str, Any]:
         for metric in ("probe_selectivity_taken", "probe_selectivity_valid")
         if (df["metric"] == metric).any()
     }
-    out["probe_valid"] = {kind: _probe_best(df, final, "valid", kind) for kind in ("decipherable", "indecipherable")}
+    out["probe_valid"] = {kind: probe_best(df, final, "valid", kind) for kind in ("decipherable", "indecipherable")}
+    out.update(mechanism_numbers(df, base, final))
     return out
 
 
-def _probe_best(df: pd.DataFrame, checkpoint: str, target: str, kind: str) -> dict[str, Any] | None:
-    """The layer with the highest probe accuracy for ``target`` at ``kind`` forks, with that layer's
-    selectivity and the kind's chance (None where the table lacks them)."""
-    at = (df["checkpoint"] == checkpoint) & (df["kind"] == kind)
-    acc = df[at & (df["metric"] == f"probe_acc_{target}") & df["layer"].notna()]
-    acc = acc[np.isfinite(acc["value"].to_numpy(float))]
-    if acc.empty:
-        return None
-    best = acc.sort_values(["value", "layer"], ascending=[False, True]).iloc[0]
-    layer = int(best["layer"])
-    sel = df[at & (df["metric"] == f"probe_selectivity_{target}") & (df["layer"] == layer)]["value"]
-    chance = df[at & (df["metric"] == f"probe_chance_{target}")]["value"]
-    return {"layer": layer, "accuracy": float(best["value"]), "ci_low": float(best["ci_low"]), "ci_high": float(best["ci_high"]),
-            "n": int(best["n"]), "selectivity": float(sel.iloc[0]) if len(sel) else None,
-            "chance": float(chance.iloc[0]) if len(chance) else None}
-
-
 # --------------------------------------------------------------------------- text
-
-
-def _f(x: float | None, nd: int = 3) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
-
-
-def _with_ci(cell: dict[str, float] | None) -> str:
-    if cell is None:
-        return "not measured"
-    s = _f(cell["value"])
-    if math.isfinite(cell["ci_low"]) and math.isfinite(cell["ci_high"]):
-        s += f" [{_f(cell['ci_low'])}, {_f(cell['ci_high'])}]"
-    return s
-
-
-def _plain(cell: dict[str, float] | None) -> str:
-    return "not measured" if cell is None else _f(cell["value"])
 
 
 def _layer_cell(best: dict[str, Any] | None) -> str:
@@ -219,7 +171,8 @@ def _run_section(kn: dict[str, Any]) -> list[str]:
         why = "the model before SFT"
     lines = [
         f"Base: `{base}` ({why}). Final: `{final}`. "
-        f"{len(kn['checkpoints'])} checkpoint(s); pass@k under `{kn['strategy'] or 'n/a'}`.",
+        f"{len(kn['checkpoints'])} checkpoint(s); pass@k under `{kn['strategy'] or 'n/a'}`."
+        + (f" {kn['skipped']}" if kn.get("skipped") else ""),
         "",
     ]
     if base == final:
@@ -248,9 +201,8 @@ def _run_section(kn: dict[str, Any]) -> list[str]:
             f"(coverage {'shrank' if dk < 0 else 'did not shrink'}).",
             "",
         ]
-    probe = _probe_sentence(kn)
-    if probe:
-        lines += [probe, ""]
+    for sentence in mechanism_sentences(kn):
+        lines += [sentence, ""]
     c = kn["collapse_layer"]
     if c is None:
         where = "not measured (no logit-lens rows, or no base checkpoint to compare with)."
@@ -266,90 +218,6 @@ def _run_section(kn: dict[str, Any]) -> list[str]:
         f"final block) at which the rise of `lens_mass_top_branch` from the base to the final checkpoint reaches "
         f"{COLLAPSE_FRACTION:.0%} of the last layer's rise: " + where
     )
-    lines.append("")
-    return lines
-
-
-def _probe_sentence(kn: dict[str, Any]) -> str:
-    """One sentence on the valid-branch probes of the final checkpoint; '' without probe rows."""
-    got = {k: v for k, v in (kn.get("probe_valid") or {}).items() if v is not None}
-    if not got:
-        return ""
-
-    def part(kind: str, p: dict[str, Any]) -> str:
-        vs = f"chance {_f(p['chance'])}" if p["chance"] is not None else "chance not in the table"
-        sel = f", selectivity {p['selectivity']:+.3f}" if p["selectivity"] is not None else ""
-        acc = _with_ci({"value": p["accuracy"], "ci_low": p["ci_low"], "ci_high": p["ci_high"]})
-        return f"at {kind} forks its best layer is {p['layer']}, accuracy {acc} vs {vs}{sel} (n = {p['n']} forks)"
-
-    parts = "; ".join(part(k, v) for k, v in got.items())
-    return (f"**Probes** — a candidate-conditioned linear probe for the valid branch, final `{kn['final']}` "
-            f"(layer 0 = the residual before block 0; accuracy with its 95% interval over problems): {parts}.")
-
-
-def _sweep_section(kn: dict[str, Any]) -> list[str]:
-    if kn.get("shrinkage") is None:
-        return [f"Sweep numbers unavailable: {kn.get('sweep_note', 'no pass@k rows')}.", ""]
-    k = kn["k"]
-    summ = pd.DataFrame(kn["shrinkage"])
-    rho = pd.DataFrame(kn["spearman"])
-    default = kn["strategy"]
-    combos = sorted(
-        {(r["policy"], r["strategy"]) for r in kn["shrinkage"]},
-        key=lambda ps: ({"canonical": 0, "balanced": 1}.get(ps[0], 2), ps[0], ps[1] != default, ps[1]),
-    )
-    lines = [
-        f"Shrinkage = base pass@{k} − final SFT pass@{k} (fraction of problems; mean ± s.d. over seeds; the base "
-        "is each task/seed's SFT step 0, the final SFT checkpoint each cell's last step). The last row of each task "
-        "is Spearman ρ between prevalence and shrinkage over every seed's cell (in brackets: over the mean of "
-        "each prevalence's seeds). pass@1 gains are in `shrinkage_vs_prevalence`.",
-        "",
-        "| task | prevalence | " + " | ".join(f"{p}, `{s}`" for p, s in combos) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in combos) + " |",
-    ]
-    for task in sorted(set(summ["task"])):
-        t = summ[summ["task"] == task]
-        for prev in sorted(set(t["prevalence"])):
-            cells = []
-            for p, s in combos:
-                r = t[(t["prevalence"] == prev) & (t["policy"] == p) & (t["strategy"] == s)]
-                cells.append("–" if r.empty else f"{_f(r['shrinkage_mean'].iloc[0])} ± {_f(r['shrinkage_std'].iloc[0])}")
-            lines.append(f"| {task} | {prev:g} | " + " | ".join(cells) + " |")
-        cells = []
-        for p, s in combos:
-            r = rho[(rho["task"] == task) & (rho["policy"] == p) & (rho["strategy"] == s)]
-            cells.append("–" if r.empty else f"ρ = {_f(r['rho'].iloc[0], 2)} (means {_f(r['rho_seed_means'].iloc[0], 2)})")
-        lines.append(f"| {task} | Spearman ρ | " + " | ".join(cells) + " |")
-    lines.append("")
-    return lines + _mitigation_section(kn, combos)
-
-
-def _mitigation_section(kn: dict[str, Any], combos: list[tuple[str, str]]) -> list[str]:
-    """Share of the lost pass@K each mitigation wins back at the highest prevalence (claims 2 and 3)."""
-    if kn.get("won_back") is None:
-        return [f"Mitigations: unavailable ({kn.get('won_back_note', 'no reference cells')}).", ""] if "won_back_note" in kn else []
-    wb = pd.DataFrame(kn["won_back"])
-    if wb.empty:
-        return []
-    k, default = kn["k"], kn["strategy"]
-    lines = [
-        "### Mitigations",
-        "",
-        f"At each task's highest prevalence: the pass@{k} that canonical SFT (decoded `{default}`) lost against the "
-        f"base (decoded `{default}`), the share of it each mitigation wins back, (mitigation pass@{k} − canonical "
-        f"pass@{k}) / lost, and its pass@1 change against canonical SFT; mean over seeds, then each seed.",
-        "",
-        f"| task | prevalence | lost pass@{k} | policy, strategy | won back | pass@1 change |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    order = {c: i for i, c in enumerate(combos)}
-    wb = wb.assign(_o=[order.get((p, s), len(order)) for p, s in zip(wb["policy"], wb["strategy"])])
-    for _, r in wb.sort_values(["task", "_o"]).iterrows():
-        seeds_wb = " / ".join("–" if pd.isna(v) else f"{100 * v:.0f}%" for v in r["won_back_seeds"])
-        seeds_p1 = " / ".join(f"{v:+.3f}" for v in r["pass1_change_seeds"])
-        mean_wb = "–" if pd.isna(r["won_back_mean"]) else f"{100 * r['won_back_mean']:.0f}%"
-        lines.append(f"| {r['task']} | {r['prevalence']:g} | {_f(r['lost_mean'])} | {r['policy']}, `{r['strategy']}` | "
-                     f"{mean_wb} ({seeds_wb}) | {r['pass1_change_mean']:+.3f} ({seeds_p1}) |")
     lines.append("")
     return lines
 
@@ -432,7 +300,9 @@ def write_report(
     kn = key_numbers(df)
     lines = ["# fork-probes report", ""]
     lines += ["## Key numbers", ""]
-    lines += _sweep_section(kn) if kn["sweep"] else _run_section(kn)
+    if not kn["sweep"]:
+        kn["skipped"] = skipped_sentence(manifest if isinstance(manifest, dict) else None)
+    lines += sweep_section(kn) if kn["sweep"] else _run_section(kn)
     lines += ["## Figures", ""] + _figure_section(out, figure_files, skipped)
     lines += ["## Run", ""] + _manifest_section(manifest if isinstance(manifest, dict) else None)
     text = "\n".join(lines).rstrip() + "\n"

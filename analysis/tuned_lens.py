@@ -40,11 +40,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from analysis.metrics import branch_mass, kl, mass_top_branch, mass_valid
-from analysis.passk import bootstrap_mean_ci
-from analysis.table import row
 from hooks.base import Instrumented
 from hooks.distributions import unusable
-from hooks.encode import EncodedProblem, EncodeReport, encode_problem
+from hooks.encode import EncodeReport, EncodedProblem, encode_problem, pad_ids
 from training.errors import UsageError
 from training.io import atomic_write, read_json_object, sha256_file
 from training.schema import KINDS, Problem
@@ -333,14 +331,6 @@ def _data_hash(train: list[EncodedProblem], held: list[EncodedProblem]) -> str:
     return h.hexdigest()
 
 
-def _pad(rows: Sequence[Sequence[int]], fill: int) -> Tensor:
-    width = max(1, max(len(r) for r in rows))
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
 @torch.inference_mode()
 def capture_positions(model: Instrumented, problems: Sequence[EncodedProblem], limit: int, batch_size: int = 64
                       ) -> Float[Tensor, "positions layer d_model"]:
@@ -351,10 +341,10 @@ def capture_positions(model: Instrumented, problems: Sequence[EncodedProblem], l
         if total >= limit:
             break
         batch = problems[start: start + batch_size]
-        ids = _pad([p.ids for p in batch], model.tokenizer.pad_id)
-        attn = _pad([[1] * len(p.ids) for p in batch], 0).bool()
+        ids = pad_ids([p.ids for p in batch], model.tokenizer.pad_id)
+        attn = pad_ids([[1] * len(p.ids) for p in batch], 0).bool()
         pos = [list(range(p.prompt_len - 1, len(p.ids) - 1)) for p in batch]
-        _, resid = model.capture(ids, attn, _pad(pos, 0), torch.zeros((len(batch), 1), dtype=torch.long))
+        _, resid = model.capture(ids, attn, pad_ids(pos, 0), torch.zeros((len(batch), 1), dtype=torch.long))
         keep = torch.cat([resid[i, : len(pos[i])] for i in range(len(batch))]).float().cpu()
         out.append(keep)
         total += keep.shape[0]
@@ -567,7 +557,7 @@ def tuned_lens_rows(model: Instrumented, lens: TunedLens, cap, encoded: Sequence
     """``tuned_lens_mass_valid``, ``tuned_lens_mass_top_branch`` and ``tuned_lens_kl_final`` per
     kind and layer, as ``fork_rows`` gives the ``lens_*`` rows (same kinds, same bootstrap), read
     from the fork capture's residuals (``cap = teacher_forced(model, encoded)``)."""
-    from analysis.measure import _by_kind
+    from analysis.measure import _by_kind, estimate_row
 
     rows: list[dict] = []
     if not len(cap.problem):
@@ -592,12 +582,9 @@ def tuned_lens_rows(model: Instrumented, lens: TunedLens, cap, encoded: Sequence
     lkl = torch.cat(kls).numpy()
 
     def add(metric: str, values: np.ndarray, kind: str, layer: int) -> None:
-        values = values[~np.isnan(values)]
-        if not len(values):
-            return
-        est = bootstrap_mean_ci(values, rng, n_boot=n_boot)
-        rows.append(row(metric=metric, value=est.value, ci_low=est.low, ci_high=est.high, n=len(values),
-                        kind=kind, layer=layer, **where))
+        r = estimate_row(metric, values, rng, n_boot, where, kind=kind, layer=layer)
+        if r is not None:
+            rows.append(r)
 
     for kind, sel in _by_kind(cap.kind):
         for layer in range(lmass.shape[1]):

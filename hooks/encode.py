@@ -18,7 +18,12 @@ Decision points that cannot be read from one next-token distribution are skipped
 from __future__ import annotations
 
 from collections import Counter
+from typing import Sequence
 from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
 
 from training.schema import Problem
 
@@ -192,3 +197,12 @@ def encode_problems(tokenizer, problems: list[Problem]) -> tuple[list[EncodedPro
         if e is not None:
             out.append(e)
     return out, report
+
+
+def pad_ids(rows: Sequence[Sequence[int]], fill: int) -> Int[Tensor, "rows width"]:
+    """Token-id rows right-padded with ``fill`` into one [rows, width] batch (width at least 1)."""
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out

@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from hooks.encode import pad_ids
 from training.errors import UsageError
 
 Array = np.ndarray | torch.Tensor
@@ -206,14 +207,6 @@ class ForkReads:
     valid_mask: np.ndarray
 
 
-def _pad(rows: Sequence[Sequence[int]], fill: int) -> Tensor:
-    width = max(1, max(len(r) for r in rows))
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
 @torch.inference_mode()
 def read_forks(model: Any, problems: Sequence[Any], batch_size: int = 128) -> ForkReads:
     """Teacher-forced residuals (every lens layer) and raw branch mass at each decision point.
@@ -231,9 +224,9 @@ def read_forks(model: Any, problems: Sequence[Any], batch_size: int = 128) -> Fo
     acc: dict[str, list] = {k: [] for k in ("problem", "kind", "resid", "mass", "bmask", "vmask")}
     for start in range(0, len(with_forks), batch_size):
         batch = with_forks[start : start + batch_size]
-        ids = _pad([p.ids[: max(f.pos for f in p.forks) + 1] for p in batch], model.tokenizer.pad_id)
-        attn = _pad([[1] * (max(f.pos for f in p.forks) + 1) for p in batch], 0).bool()
-        read = _pad([[f.pos - 1 for f in p.forks] for p in batch], 0)
+        ids = pad_ids([p.ids[: max(f.pos for f in p.forks) + 1] for p in batch], model.tokenizer.pad_id)
+        attn = pad_ids([[1] * (max(f.pos for f in p.forks) + 1) for p in batch], 0).bool()
+        read = pad_ids([[f.pos - 1 for f in p.forks] for p in batch], 0)
         logits, resid = model.capture(ids, attn, read, read)
         logits, resid = logits.float(), resid.float()
         if not (bool(torch.isfinite(logits).all()) and bool(torch.isfinite(resid).all())):

@@ -410,7 +410,8 @@ def test_probe_rows_end_to_end(tiny):
 def test_rows_feed_the_figure_and_the_report(tiny):
     """The table probe_rows makes draws the probe figure, and the report's probe sentence states its numbers."""
     from analysis.figures import probe_heatmap
-    from analysis.report import _probe_sentence, key_numbers
+    from analysis.report import key_numbers
+    from analysis.report_mechanism import _probe_sentence
     from analysis.table import to_frame
 
     model, enc, cap, train = tiny

@@ -8,10 +8,8 @@ read with ``weights_only=True``).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from training.errors import UsageError
-from training.io import read_json, read_json_object, write_json
+from training.io import atomic_directory, read_json, read_json_object, write_json
 from training.phases import NATIVE_NAME as NAME
 from training.phases import series_key
 
@@ -58,22 +56,13 @@ def save_checkpoint(
 ) -> Path:
     """Write the directory under a temporary name, then rename: a checkpoint is whole or absent."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         write_json(tmp / "config.json", {"format": FORMAT, "version": 1, **config})
         write_json(tmp / "meta.json", meta)
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
-        os.chmod(tmp, 0o755)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

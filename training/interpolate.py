@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,7 +25,7 @@ from safetensors.torch import save_file
 
 from training.checkpoint import check_safetensors, is_native_checkpoint, read_meta
 from training.errors import UsageError
-from training.io import read_json_object, sha256_file, write_json
+from training.io import atomic_directory, read_json_object, sha256_file, write_json
 
 __all__ = ["interpolate", "interpolation_name"]
 
@@ -157,9 +156,7 @@ def _meta(sft: Path, sft_meta: dict, dest: Path, alpha: float, parents: dict) ->
 
 
 def _write(sft: Path, dest: Path, ta: dict, tb: dict, alpha: float, meta: dict) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_directory(dest) as tmp:
         for f in sft.iterdir():  # configs, tokenizer, generation config: the SFT checkpoint's
             if f.is_file() and f.suffix != ".safetensors" and f.name not in ("meta.json", "train_state.pt") \
                     and not f.name.endswith((".bin", ".pt", ".pth")):
@@ -184,10 +181,3 @@ def _write(sft: Path, dest: Path, ta: dict, tb: dict, alpha: float, meta: dict) 
                 st_meta = fb.metadata()
             save_file(mixed, str(tmp / name), metadata=st_meta)
         write_json(tmp / "meta.json", meta)
-        os.chmod(tmp, 0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -1,0 +1,78 @@
+"""The report's sweep section: shrinkage against prevalence, Spearman ρ, and what each mitigation wins back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from analysis.report_format import _f
+
+__all__ = ["sweep_section"]
+
+
+def sweep_section(kn: dict[str, Any]) -> list[str]:
+    if kn.get("shrinkage") is None:
+        return [f"Sweep numbers unavailable: {kn.get('sweep_note', 'no pass@k rows')}.", ""]
+    k = kn["k"]
+    summ = pd.DataFrame(kn["shrinkage"])
+    rho = pd.DataFrame(kn["spearman"])
+    default = kn["strategy"]
+    combos = sorted(
+        {(r["policy"], r["strategy"]) for r in kn["shrinkage"]},
+        key=lambda ps: ({"canonical": 0, "balanced": 1}.get(ps[0], 2), ps[0], ps[1] != default, ps[1]),
+    )
+    lines = [
+        f"Shrinkage = base pass@{k} − final SFT pass@{k} (fraction of problems; mean ± s.d. over seeds; the base "
+        "is each task/seed's SFT step 0, the final SFT checkpoint each cell's last step). The last row of each task "
+        "is Spearman ρ between prevalence and shrinkage over every seed's cell (in brackets: over the mean of "
+        "each prevalence's seeds). pass@1 gains are in `shrinkage_vs_prevalence`.",
+        "",
+        "| task | prevalence | " + " | ".join(f"{p}, `{s}`" for p, s in combos) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in combos) + " |",
+    ]
+    for task in sorted(set(summ["task"])):
+        t = summ[summ["task"] == task]
+        for prev in sorted(set(t["prevalence"])):
+            cells = []
+            for p, s in combos:
+                r = t[(t["prevalence"] == prev) & (t["policy"] == p) & (t["strategy"] == s)]
+                cells.append("–" if r.empty else f"{_f(r['shrinkage_mean'].iloc[0])} ± {_f(r['shrinkage_std'].iloc[0])}")
+            lines.append(f"| {task} | {prev:g} | " + " | ".join(cells) + " |")
+        cells = []
+        for p, s in combos:
+            r = rho[(rho["task"] == task) & (rho["policy"] == p) & (rho["strategy"] == s)]
+            cells.append("–" if r.empty else f"ρ = {_f(r['rho'].iloc[0], 2)} (means {_f(r['rho_seed_means'].iloc[0], 2)})")
+        lines.append(f"| {task} | Spearman ρ | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines + _mitigation_section(kn, combos)
+
+
+def _mitigation_section(kn: dict[str, Any], combos: list[tuple[str, str]]) -> list[str]:
+    """Share of the lost pass@K each mitigation wins back at the highest prevalence (claims 2 and 3)."""
+    if kn.get("won_back") is None:
+        return [f"Mitigations: unavailable ({kn.get('won_back_note', 'no reference cells')}).", ""] if "won_back_note" in kn else []
+    wb = pd.DataFrame(kn["won_back"])
+    if wb.empty:
+        return []
+    k, default = kn["k"], kn["strategy"]
+    lines = [
+        "### Mitigations",
+        "",
+        f"At each task's highest prevalence: the pass@{k} that canonical SFT (decoded `{default}`) lost against the "
+        f"base (decoded `{default}`), the share of it each mitigation wins back, (mitigation pass@{k} − canonical "
+        f"pass@{k}) / lost, and its pass@1 change against canonical SFT; mean over seeds, then each seed.",
+        "",
+        f"| task | prevalence | lost pass@{k} | policy, strategy | won back | pass@1 change |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    order = {c: i for i, c in enumerate(combos)}
+    wb = wb.assign(_o=[order.get((p, s), len(order)) for p, s in zip(wb["policy"], wb["strategy"])])
+    for _, r in wb.sort_values(["task", "_o"]).iterrows():
+        seeds_wb = " / ".join("–" if pd.isna(v) else f"{100 * v:.0f}%" for v in r["won_back_seeds"])
+        seeds_p1 = " / ".join(f"{v:+.3f}" for v in r["pass1_change_seeds"])
+        mean_wb = "–" if pd.isna(r["won_back_mean"]) else f"{100 * r['won_back_mean']:.0f}%"
+        lines.append(f"| {r['task']} | {r['prevalence']:g} | {_f(r['lost_mean'])} | {r['policy']}, `{r['strategy']}` | "
+                     f"{mean_wb} ({seeds_wb}) | {r['pass1_change_mean']:+.3f} ({seeds_p1}) |")
+    lines.append("")
+    return lines
