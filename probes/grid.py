@@ -132,7 +132,7 @@ def _cell_job(task: str, seed: int, prevalence: float, policy: str, overrides: l
 
 
 def _measure_job(strategies: list[str], samples: int, columns: dict[str, Any], device: str | None, threads: int,
-                 results: str, checkpoint: str, base: str, eval_file: str | None = None) -> str:
+                 results: str, checkpoint: str, base: str, eval_file: str | None = None, instruments: bool = True) -> str:
     """Measure one trained checkpoint on its base's eval set (or ``eval_file``), into RUN/<results>.
 
     The base is the reference of any strategy that compares with one (``ref_mix``).
@@ -149,7 +149,8 @@ def _measure_job(strategies: list[str], samples: int, columns: dict[str, Any], d
     out = str(run_dir / results)
     reference = base if any(parse_strategy(x).needs_reference for x in strategies) else None
     run([checkpoint], out=out, eval=eval_file, strategies=strategies, samples=samples, device=device,
-        progress=False, log=lambda *_: None, extra_columns=columns, reference=reference)
+        progress=False, log=lambda *_: None, extra_columns=columns, reference=reference, probes=instruments,
+        tuned_lens=instruments)
     return out
 
 
@@ -203,8 +204,9 @@ def _check_disjoint(cell_checkpoint: str, eval_file: str) -> None:
 
 def _large_measure_job(strategies: list[str], samples: int, columns: dict[str, Any], device: str | None, threads: int,
                        results: str, checkpoint: str, base: str, eval_file: str) -> str:
-    _check_disjoint(checkpoint, eval_file)
-    return _measure_job(strategies, samples, columns, device, threads, results, checkpoint, base, eval_file)
+    _check_disjoint(checkpoint, eval_file)  # pass@k only: the probes and lenses do not need a larger set
+    return _measure_job(strategies, samples, columns, device, threads, results, checkpoint, base, eval_file,
+                        instruments=False)
 
 
 def _threads(n: int) -> None:

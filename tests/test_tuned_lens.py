@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from analysis import tuned_lens as tl
+from analysis import tuned_lens_fit as tlf
 from analysis.measure import fork_rows, teacher_forced
 from hooks.base import Instrumented
 from hooks.encode import encode_problems
@@ -36,7 +37,7 @@ def eval_problems(tiny_run):
 
 @pytest.fixture(scope="module")
 def fitted(model, eval_problems):
-    return tl.fit_tuned_lens(model, seed=0, exclude=eval_problems)
+    return tlf.fit_tuned_lens(model, seed=0, exclude=eval_problems)
 
 
 def _eval_batch(model, eval_problems, k=8):
@@ -144,11 +145,11 @@ def test_save_load_round_trip(model, fitted, tmp_path):
 
 
 def test_same_seed_same_lens(model, fitted, eval_problems):
-    again = tl.fit_tuned_lens(model, seed=0, exclude=eval_problems)
+    again = tlf.fit_tuned_lens(model, seed=0, exclude=eval_problems)
     assert torch.equal(again.A, fitted.A) and torch.equal(again.b, fitted.b)
     assert again.info["held_out_kl"] == fitted.info["held_out_kl"]
-    other = tl.fit_tuned_lens(model, seed=1, exclude=eval_problems, settings=SMALL)
-    small = tl.fit_tuned_lens(model, seed=0, exclude=eval_problems, settings=SMALL)
+    other = tlf.fit_tuned_lens(model, seed=1, exclude=eval_problems, settings=SMALL)
+    small = tlf.fit_tuned_lens(model, seed=0, exclude=eval_problems, settings=SMALL)
     assert not torch.equal(other.A, small.A)
 
 
@@ -156,7 +157,7 @@ def test_training_text_is_disjoint_from_the_eval_set(model, eval_problems):
     from training.tasks import get_task
 
     task = get_task(model.task_config)
-    train, held = tl.training_problems(model, SMALL, 0, eval_problems)
+    train, held = tlf.training_problems(model, SMALL, 0, eval_problems)
     keys = [task.key(e.problem) for e in train + held]
     assert len(set(keys)) == len(keys) and not set(keys) & {task.key(p) for p in eval_problems}
     assert sum(len(e.ids) - e.prompt_len for e in train) >= SMALL.max_positions
@@ -164,13 +165,13 @@ def test_training_text_is_disjoint_from_the_eval_set(model, eval_problems):
 
 def test_cache_reuses_and_refits_when_the_checkpoint_changes(tiny_run, model, eval_problems, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    first = tl.tuned_lens_for(model, cache, seed=0, settings=SMALL, exclude=eval_problems)
+    first = tlf.tuned_lens_for(model, cache, seed=0, settings=SMALL, exclude=eval_problems)
     fits = []
-    real_fit = tl.fit_tuned_lens
-    monkeypatch.setattr(tl, "fit_tuned_lens", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
-    again = tl.tuned_lens_for(model, cache, seed=0, settings=SMALL, exclude=eval_problems)
+    real_fit = tlf.fit_tuned_lens
+    monkeypatch.setattr(tlf, "fit_tuned_lens", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    again = tlf.tuned_lens_for(model, cache, seed=0, settings=SMALL, exclude=eval_problems)
     assert fits == [] and torch.equal(again.A, first.A)  # reused
-    tl.tuned_lens_for(model, cache, seed=0, settings=tl.TunedLensSettings(**{**SMALL.to_dict(), "steps": 31}),
+    tlf.tuned_lens_for(model, cache, seed=0, settings=tl.TunedLensSettings(**{**SMALL.to_dict(), "steps": 31}),
                       exclude=eval_problems)
     assert fits == [1]  # other settings: fitted again
     # the same checkpoint name with other content (meta.json changed): another identity, refitted
@@ -181,7 +182,7 @@ def test_cache_reuses_and_refits_when_the_checkpoint_changes(tiny_run, model, ev
     changed = load(copy)
     assert changed.name == model.name and changed.record.identity != model.record.identity
     notes: list[str] = []
-    lens = tl.tuned_lens_for(changed, cache, seed=0, settings=SMALL, exclude=eval_problems, log=notes.append)
+    lens = tlf.tuned_lens_for(changed, cache, seed=0, settings=SMALL, exclude=eval_problems, log=notes.append)
     assert fits == [1, 1] and lens.info["checkpoint"]["identity"] == changed.record.identity and notes
     with pytest.raises(UsageError, match="stale"):
         tl.load(cache / model.name, model)
@@ -206,7 +207,7 @@ class _NoNorm(Instrumented):
 
 
 def test_model_without_a_known_final_norm_is_one_line(tmp_path):
-    for call in (lambda: tl.fit_tuned_lens(_NoNorm(), data=[]), lambda: tl.tuned_lens_for(_NoNorm(), tmp_path)):
+    for call in (lambda: tlf.fit_tuned_lens(_NoNorm(), data=[]), lambda: tlf.tuned_lens_for(_NoNorm(), tmp_path)):
         with pytest.raises(UsageError) as e:
             call()
         assert "no final norm" in str(e.value) and "\n" not in str(e.value)
