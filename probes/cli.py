@@ -88,7 +88,7 @@ def _forks(args: argparse.Namespace) -> None:
     out = args.out or str(data.with_name((data.name[:-6] if data.name.endswith(".jsonl") else data.name) + ".forks.jsonl"))
     api.find_forks(args.model, str(data), out=out, verifier=args.verifier, samples=args.samples, p=args.p,
                    entropy_quantile=args.entropy_quantile, entropy=args.entropy, tau=args.tau,
-                   max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed,
+                   max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed, progress=not args.quiet,
                    **({"answer_prefix": args.answer_prefix} if args.answer_prefix else {}))
 
 
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "Hugging Face: its generation config, else 512)")
     fk.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     fk.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    fk.add_argument("--quiet", action="store_true", help="no progress bar")
     fk.set_defaults(fn=_forks)
     return p
 

@@ -128,7 +128,12 @@ def grouped_folds(
     with warnings.catch_warnings():
         # "the least populated class has fewer members than n_splits": expected for rare branches
         warnings.simplefilter("ignore", UserWarning)
-        folds = list(splitter.split(np.zeros((labels.size, 1)), labels, groups))
+        try:
+            folds = list(splitter.split(np.zeros((labels.size, 1)), labels, groups))
+        except ValueError:  # every class has fewer members than n_splits: stratifying is impossible
+            from sklearn.model_selection import GroupKFold
+
+            folds = list(GroupKFold(n_splits=n_splits).split(np.zeros((labels.size, 1)), labels, groups))
     return [(tr, te) for tr, te in folds if te.size and tr.size]
 
 

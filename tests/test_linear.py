@@ -468,3 +468,14 @@ def test_hugging_face_readout_and_cross_validation_fallback(tmp_path, arch):
     chance = [r["value"] for r in rows if r["metric"] == "probe_chance_valid"]
     assert chance == [0.5, 0.5]
     assert all(0 <= r["value"] <= 1 for r in rows if r["metric"].startswith("probe_acc"))
+
+
+def test_grouped_folds_when_no_class_can_be_stratified():
+    """Few forks per problem and classes rarer than the folds (a small own-data eval set): grouped
+    folds still exist, and still never split a problem."""
+    labels = np.array([2, 3, 2, 4, 3, 2, 4, 3])
+    groups = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    folds = grouped_folds(labels, groups, 5, seed=0)
+    assert len(folds) == 4
+    for tr, te in folds:
+        assert not set(groups[tr]) & set(groups[te])
