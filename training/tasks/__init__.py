@@ -27,9 +27,4 @@ def get_task(cfg: dict[str, Any]) -> Task:
     return _REGISTRY[name].from_config(cfg)
 
 
-from training.tasks import graph  # noqa: E402,F401  (registers itself)
-
-try:  # the reasoning-modes task registers itself when present
-    from training.tasks import modes  # noqa: E402,F401
-except ImportError:  # pragma: no cover
-    pass
+from training.tasks import graph, modes  # noqa: E402,F401  (each registers itself)
