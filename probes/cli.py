@@ -51,6 +51,10 @@ def _run(args: argparse.Namespace) -> None:
         reference=args.reference,
         tuned_lens=not args.no_tuned_lens,
         patching=args.patching,
+        executor=args.executor,
+        address=args.address,
+        resources=args.resources,
+        workers=args.workers,
         **({"dtype": args.dtype} if getattr(args, "dtype", None) else {}),
         **({"verifier": args.verifier} if getattr(args, "verifier", None) else {}),
         **({"answer_prefix": args.answer_prefix} if getattr(args, "answer_prefix", None) else {}),
@@ -140,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(patch_recovered_share, patch_induced_share)")
     r.add_argument("--no-tuned-lens", action="store_true",
                    help="skip the tuned lens (per-layer translators fitted per checkpoint on task text, cached in OUT/tuned_lens)")
+    r.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local (one checkpoint after another) or ray (checkpoints as parallel Ray tasks)")
+    r.add_argument("--address", default=None, help="with --executor ray: a running cluster (HOST:PORT or auto)")
+    r.add_argument("--resources", default=None, help="with --executor ray: what each task reserves, e.g. cpu=1,gpu=0.25")
+    r.add_argument("--workers", type=int, default=0, help="with --executor ray and no --address: CPUs of the local Ray instance (0: one per core)")
     r.add_argument("--forcing", type=int, nargs="?", const=16, default=0, metavar="M",
                    help="branch forcing at each first fork: M continuations per branch (default M 16): "
                         "branch_value_* and forced_pass@k")

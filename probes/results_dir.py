@@ -99,6 +99,17 @@ class ResultsDir:
             raise UsageError(f"cannot write to --out {root}: permission denied")
         return cls(root, identity, manifest, reset)
 
+    @classmethod
+    def attach(cls, root: str | Path, identity: dict[str, Any]) -> "ResultsDir":
+        """A directory a driver has opened and prepared, for a task that only writes its own part."""
+        out = cls(Path(root), identity, {}, reset=False)
+        out._ready = True
+        return out
+
+    def prepare(self) -> None:
+        """Reset (if other settings were there) and write the manifest now, before parallel parts."""
+        self._ensure()
+
     def _ensure(self) -> None:
         """Before the first write: clear what other settings left (if so), create the layout, drop temporaries."""
         if self._ready:

@@ -10,6 +10,7 @@ table of an uninterrupted one.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -71,6 +72,10 @@ def run(
     reference: str | Path | None = None,
     tuned_lens: bool = True,
     patching: bool = False,
+    executor: str = "local",
+    address: str | None = None,
+    resources: str | dict[str, float] | None = None,
+    workers: int = 0,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Measure checkpoints (native or Hugging Face directories, paths or globs) on an eval set.
@@ -86,22 +91,28 @@ def run(
     compare with (default: the series' base checkpoint). ``tuned_lens`` (native checkpoints, or
     any with a task generator) fits per-layer translators per checkpoint, cached under
     ``out/tuned_lens``; ``patching`` patches the reference's residual into each checkpoint at
-    its forks, layer by layer (``analysis.patching``).
+    its forks, layer by layer (``analysis.patching``). ``executor="ray"`` measures the
+    checkpoints as parallel Ray tasks (``address``, ``resources`` and ``workers`` as for
+    ``probes sweep``), each writing its own part; the table is written once at the end, the same
+    as a serial run's.
     """
-    plan = plan_run(checkpoints, out=out, eval=eval, samples=samples, strategies=strategies, device=device, k=k,
-                    dtype=dtype, verifier=verifier, answer_prefix=answer_prefix, seed=seed, n_boot=n_boot,
-                    probes=probes, extra_columns=extra_columns, max_new_tokens=max_new_tokens, stop=stop,
-                    chat_template=chat_template, forcing=forcing, reference=reference, tuned_lens=tuned_lens,
-                    patching=patching)
+    settings = dict(checkpoints=checkpoints, out=out, eval=eval, samples=samples, strategies=strategies,
+                    device=device, k=k, dtype=dtype, verifier=verifier, answer_prefix=answer_prefix, seed=seed,
+                    n_boot=n_boot, probes=probes, extra_columns=extra_columns, max_new_tokens=max_new_tokens,
+                    stop=stop, chat_template=chat_template, forcing=forcing, reference=reference,
+                    tuned_lens=tuned_lens, patching=patching)
+    if executor not in ("local", "ray"):
+        raise UsageError(f"unknown executor {executor!r}; use local or ray")
+    if executor == "local" and (address is not None or resources is not None):
+        raise UsageError("--address and --resources go with --executor ray")
+    plan = plan_run(**settings)
     results = ResultsDir.open(plan.out, plan.identity, force=force)
-    ref_model = None
-    if plan.reference is not None:
-        ref_model = load(plan.reference, device=plan.device, dtype=plan.dtype, progress=progress)
     total = sum(len(p.decision_points) for p in plan.problems)
     skipped = skipped_text(plan.report, total)
     if skipped:
         log(f"{plan.eval_path.name}: {skipped}")
     frames: dict[str, pd.DataFrame] = {}
+    todo = []
     for rec, label in zip(plan.records, plan.labels):
         done = results.part_identity(label)
         if done is not None and not force:
@@ -114,31 +125,72 @@ def run(
             results.manifest["checkpoints"].setdefault(label, {**_checkpoint_info(rec), "meta": rec.meta})
             log(f"{label}: already measured, skipped (--force measures it again)")
             continue
-        t0 = time.perf_counter()
-        pending: list[Callable[[], Any]] = []
-        model = load(rec, device=plan.device, dtype=plan.dtype, progress=progress)
-        where = {"checkpoint": label, "phase": rec.phase, "step": rec.step, "format": rec.format,
-                 **(extra_columns or {})}
-        rows, samples_df = measure_checkpoint(model, plan.encoded, plan.verifier, plan.strategies, plan.samples,
-                                              plan.ks, seed, label, where, batch_size, n_boot, probes, progress,
-                                              max_new_tokens=plan.max_new_tokens, stop=plan.stop,
-                                              forcing=plan.forcing, reference=ref_model,
-                                              tuned_lens_dir=plan.out / "tuned_lens" / label if plan.tuned_lens else None,
-                                              eval_problems=plan.problems, patching=plan.patching, log=log,
-                                              probe_train=plan.probe_train, after_write=pending)
-        df = to_frame(rows)
-        seconds = time.perf_counter() - t0
-        info = _checkpoint_info(rec)
-        results.write_part(label, df, info, samples_df)
-        for save in pending:  # caches beside the results, only for a measurement that finished
-            save()
-        frames[label] = df
-        results.manifest["checkpoints"][label] = {**info, "meta": rec.meta}
-        results.manifest["timings"][label] = round(seconds, 2)
-        _write_table(results, frames, plan)
-        log(summary_line(df, label, rec.step, plan.strategies[0], seconds) + (f"; {skipped}" if skipped else ""))
-        del model
+        todo.append((rec, label))
+    knobs = dict(seed=seed, batch_size=batch_size, n_boot=n_boot, probes=probes, extra_columns=extra_columns)
+    if executor == "local":
+        ref_model = None
+        if todo and plan.reference is not None:
+            ref_model = load(plan.reference, device=plan.device, dtype=plan.dtype, progress=progress)
+        for rec, label in todo:
+            df, info, seconds = _measure_and_write(plan, results, rec, label, ref_model, progress=progress, log=log, **knobs)
+            frames[label] = df
+            _record(results, rec, label, info, seconds)
+            _write_table(results, frames, plan)
+            log(summary_line(df, label, rec.step, plan.strategies[0], seconds) + (f"; {skipped}" if skipped else ""))
+    elif todo:
+        from probes.executors import make_executor
+
+        results.prepare()  # the driver resets and writes the manifest once; the tasks write their own parts
+        jobs = [({**settings, "out": str(plan.out)}, knobs, label) for _, label in todo]
+        with make_executor(executor, workers=workers or max(1, min(os.cpu_count() or 1, 8)), address=address,
+                           resources=resources, device=device) as ex:
+            outs = ex.map(_measure_task, jobs, log=lambda *_: None, what="checkpoints", progress=progress)
+        by_label = {rec_label: rec for rec, rec_label in todo}
+        for label, info, seconds in outs:
+            frames[label] = results.read_part(label)
+            _record(results, by_label[label], label, info, seconds)
+            log(summary_line(frames[label], label, by_label[label].step, plan.strategies[0], seconds))
     return _write_table(results, frames, plan)
+
+
+def _record(results: ResultsDir, rec: CheckpointRecord, label: str, info: dict[str, Any], seconds: float) -> None:
+    results.manifest["checkpoints"][label] = {**info, "meta": rec.meta}
+    results.manifest["timings"][label] = round(seconds, 2)
+
+
+def _measure_and_write(plan: RunPlan, results: ResultsDir, rec: CheckpointRecord, label: str, ref_model: Any, *,
+                       seed: int, batch_size: int, n_boot: int, probes: bool, extra_columns: dict[str, Any] | None,
+                       progress: bool, log: Callable[[str], None]) -> tuple[pd.DataFrame, dict[str, Any], float]:
+    """Measure one checkpoint and write its part (rows and samples) atomically; then its caches."""
+    t0 = time.perf_counter()
+    pending: list[Callable[[], Any]] = []
+    model = load(rec, device=plan.device, dtype=plan.dtype, progress=progress)
+    where = {"checkpoint": label, "phase": rec.phase, "step": rec.step, "format": rec.format, **(extra_columns or {})}
+    rows, samples_df = measure_checkpoint(model, plan.encoded, plan.verifier, plan.strategies, plan.samples,
+                                          plan.ks, seed, label, where, batch_size, n_boot, probes, progress,
+                                          max_new_tokens=plan.max_new_tokens, stop=plan.stop,
+                                          forcing=plan.forcing, reference=ref_model,
+                                          tuned_lens_dir=plan.out / "tuned_lens" / label if plan.tuned_lens else None,
+                                          eval_problems=plan.problems, patching=plan.patching, log=log,
+                                          probe_train=plan.probe_train, after_write=pending)
+    df = to_frame(rows)
+    info = _checkpoint_info(rec)
+    results.write_part(label, df, info, samples_df)
+    for save in pending:  # caches beside the results, only for a measurement that finished
+        save()
+    return df, info, time.perf_counter() - t0
+
+
+def _measure_task(job: tuple[dict[str, Any], dict[str, Any], str]) -> tuple[str, dict[str, Any], float]:
+    """One checkpoint as an executor task (Ray): plan the run again in the worker (the same inputs
+    give the same plan), measure that checkpoint and write its own part; the driver writes the table."""
+    settings, knobs, label = job
+    plan = plan_run(**settings)
+    rec = plan.records[plan.labels.index(label)]
+    results = ResultsDir.attach(plan.out, plan.identity)
+    ref_model = load(plan.reference, device=plan.device, dtype=plan.dtype) if plan.reference is not None else None
+    _, info, seconds = _measure_and_write(plan, results, rec, label, ref_model, progress=False, log=lambda *_: None, **knobs)
+    return label, info, seconds
 
 
 def _checkpoint_info(rec: CheckpointRecord) -> dict[str, Any]:

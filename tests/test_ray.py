@@ -231,3 +231,19 @@ def test_map_independent_jobs_either_executor(ray_cluster):
     assert ray_ex.run([b, a], log=lambda *_: None) == [81, 9]
     with pytest.raises(ValueError, match="not in the list"):
         ray_ex.run([b], log=lambda *_: None)
+
+
+def test_probes_run_on_ray_equals_a_serial_run(ray_cluster, tiny_run, tmp_path):
+    """`probes run --executor ray`: checkpoints as parallel tasks, each writing its own part, the
+    table written once at the end — the same table, rows and samples, as one after another."""
+    from probes.runner import run
+
+    ckpts = [str(tiny_run / "checkpoints" / n) for n in ("sft-step000000", "sft-step000003", "sft-step000020")]
+    kw = dict(samples=2, progress=False, log=lambda *_: None, n_boot=50)
+    serial = run(ckpts, out=tmp_path / "serial", **kw)
+    parallel = run(ckpts, out=tmp_path / "ray", executor="ray", **kw)
+    pd.testing.assert_frame_equal(serial, parallel)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "serial" / "samples.parquet"),
+                                  pd.read_parquet(tmp_path / "ray" / "samples.parquet"))
+    again = run(ckpts, out=tmp_path / "ray", executor="ray", **kw)  # everything done: nothing submitted
+    pd.testing.assert_frame_equal(serial, again)
