@@ -269,6 +269,14 @@ def gguf_given(t, tmp):
     return ["run", "--checkpoints", str(f), "--out", str(tmp / "res")], "GGUF file"
 
 
+def quantised_directory(t, tmp):
+    d = tmp / "q4"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                               "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    return ["run", "--checkpoints", str(d), "--verifier", "exact", "--out", str(tmp / "res")], "holds quantised weights (gptq)"
+
+
 def train_state_garbage(t, tmp):
     run = tmp / "trun"
     shutil.copytree(t, run)
@@ -426,7 +434,7 @@ RUN_CASES = [corrupt_weights, truncated_weights, config_is_a_list, config_withou
              eval_task_not_a_string, device_index_missing, device_unknown, dtype_on_native, corrupt_manifest_in_out,
              manifest_without_identity, out_is_a_file, out_is_someone_elses, checkpoints_dot, no_match, k_above_n,
              samples_zero, bad_strategy, prompt_longer_than_context, verifier_raises, verifier_not_bool,
-             verifier_exits, verifier_exits_on_import, nan_weights, hf_remote_code, gguf_given]
+             verifier_exits, verifier_exits_on_import, nan_weights, hf_remote_code, gguf_given, quantised_directory]
 TRAIN_CASES = [train_state_garbage, train_state_code, train_resume_corrupt_weights, train_resume_other_config,
                train_base_corrupt, train_base_without_meta, train_base_moved, train_base_not_a_checkpoint,
                train_n_labels_abc, train_act_fn_bogus, train_norm_bogus, train_lr_infinite, train_unknown_key,
