@@ -261,9 +261,13 @@ def _manifest_section(manifest: dict | None) -> list[str]:
     if not manifest:
         return ["No manifest was given.", ""]
     lines: list[str] = []
+    grid = manifest.get("sweep")
+    if isinstance(grid, dict) and grid:
+        lines += ["### Sweep grid", "", "```json", json.dumps(grid, indent=2, sort_keys=True, default=str), "```", ""]
     config = manifest.get("config")
     if config:
-        lines += ["### Config", "", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```", ""]
+        title = "### Config of one cell (the first task and seed; each cell sets its own prevalence and policy)" if grid else "### Config"
+        lines += [title, "", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```", ""]
     versions = manifest.get("versions")
     if isinstance(versions, dict) and versions:
         lines += ["### Package versions", "", "| package | version |", "| --- | --- |"]

@@ -18,34 +18,40 @@ def sweep_section(kn: dict[str, Any]) -> list[str]:
     summ = pd.DataFrame(kn["shrinkage"])
     rho = pd.DataFrame(kn["spearman"])
     default = kn["strategy"]
-    combos = sorted(
-        {(r["policy"], r["strategy"]) for r in kn["shrinkage"]},
-        key=lambda ps: ({"canonical": 0, "balanced": 1}.get(ps[0], 2), ps[0], ps[1] != default, ps[1]),
-    )
+    combos = sorted({(r["policy"], r["strategy"]) for r in kn["shrinkage"]}, key=lambda ps: _combo_order(ps, default))
+    tasks = sorted(set(summ["task"]))
     lines = [
         f"Shrinkage = base pass@{k} − final SFT pass@{k} (fraction of problems; mean ± s.d. over seeds; the base "
-        "is each task/seed's SFT step 0, the final SFT checkpoint each cell's last step). The last row of each task "
-        "is Spearman ρ between prevalence and shrinkage over every seed's cell (in brackets: over the mean of "
-        "each prevalence's seeds). pass@1 gains are in `shrinkage_vs_prevalence`.",
+        "is each task/seed's SFT step 0, the final SFT checkpoint each cell's last step), one row per data policy "
+        "and decoding strategy, one column per fork prevalence. The last column is Spearman ρ between prevalence "
+        "and shrinkage over every seed's cell (in brackets: over the mean of each prevalence's seeds); – where the "
+        "shrinkage varies by less than half a problem's share of pass@k across the cells (nothing to rank). pass@1 "
+        "gains are in `shrinkage_vs_prevalence`.",
         "",
-        "| task | prevalence | " + " | ".join(f"{p}, `{s}`" for p, s in combos) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in combos) + " |",
     ]
-    for task in sorted(set(summ["task"])):
+    for task in tasks:
         t = summ[summ["task"] == task]
-        for prev in sorted(set(t["prevalence"])):
+        prevs = sorted(set(t["prevalence"]))
+        lines += [f"**{task}**", "",
+                  "| policy | strategy | " + " | ".join(f"prevalence {v:g}" for v in prevs) + " | Spearman ρ |",
+                  "| --- | --- | " + " | ".join("---" for _ in prevs) + " | --- |"]
+        for p, s in combos:
             cells = []
-            for p, s in combos:
+            for prev in prevs:
                 r = t[(t["prevalence"] == prev) & (t["policy"] == p) & (t["strategy"] == s)]
                 cells.append("–" if r.empty else f"{_f(r['shrinkage_mean'].iloc[0])} ± {_f(r['shrinkage_std'].iloc[0])}")
-            lines.append(f"| {task} | {prev:g} | " + " | ".join(cells) + " |")
-        cells = []
-        for p, s in combos:
             r = rho[(rho["task"] == task) & (rho["policy"] == p) & (rho["strategy"] == s)]
-            cells.append("–" if r.empty else f"ρ = {_f(r['rho'].iloc[0], 2)} (means {_f(r['rho_seed_means'].iloc[0], 2)})")
-        lines.append(f"| {task} | Spearman ρ | " + " | ".join(cells) + " |")
-    lines.append("")
+            cells.append("–" if r.empty else f"{_f(r['rho'].iloc[0], 2)} ({_f(r['rho_seed_means'].iloc[0], 2)})")
+            lines.append(f"| {p} | `{s}` | " + " | ".join(cells) + " |")
+        lines.append("")
     return lines + _mitigation_section(kn, combos)
+
+
+def _combo_order(ps: tuple[str, str], default: str) -> tuple:
+    """Plain policies before their interpolations; canonical before balanced; the default strategy first."""
+    policy, strategy = ps
+    base, _, mitigation = policy.partition("+")
+    return (bool(mitigation), {"canonical": 0, "balanced": 1}.get(base, 2), policy, strategy != default, strategy)
 
 
 def _mitigation_section(kn: dict[str, Any], combos: list[tuple[str, str]]) -> list[str]:

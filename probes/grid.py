@@ -304,7 +304,7 @@ def sweep(
         atomic_write(root / f"results-eval{cfg.eval_size}.parquet", lambda tmp: big.to_parquet(tmp, index=False))
     write_json(root / "manifest.json", {
         "sweep": cfg.__dict__, "tasks": tasks, "workers": workers, **how,
-        "timings": {"total_seconds": round(time.perf_counter() - t0, 1)}, "versions": _versions(result_dirs),
+        "timings": {"this_invocation_seconds": round(time.perf_counter() - t0, 1)}, "versions": _versions(result_dirs),
         "config": _task_config(tasks[0], cfg.seeds[0], cfg.overrides, []).to_dict(),
     })
     n_cells = len(tasks) * len(cfg.seeds) * len(cfg.prevalence) * len(cfg.policy)

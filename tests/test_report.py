@@ -122,7 +122,12 @@ def test_sweep_report_numbers(tmp_path):
     assert rho == pytest.approx(stats.spearmanr(xs, ys)[0])
     text = write_report(df, tmp_path, manifest=None, figure_files=[], skipped=[]).read_text()
     assert f"{rows[1.0]['shrinkage_mean']:.3f} ± {rows[1.0]['shrinkage_std']:.3f}" in text
-    assert re.search(rf"\| arith \| Spearman ρ \| ρ = {rho:.2f}", text)
+    row = next(ln for ln in text.splitlines() if ln.startswith(f"| balanced | `{DEFAULT_STRATEGY}` |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == f"{rows[0.0]['shrinkage_mean']:.3f} ± {rows[0.0]['shrinkage_std']:.3f}"  # prevalence 0 first
+    assert cells[4] == f"{rows[1.0]['shrinkage_mean']:.3f} ± {rows[1.0]['shrinkage_std']:.3f}"
+    assert re.fullmatch(rf"{rho:.2f} \(-?[0-9.]+\)", cells[-1]), cells[-1]
+    assert "| policy | strategy | prevalence 0 | prevalence 0.5 | prevalence 1 | Spearman ρ |" in text
 
 
 def test_collapse_layer_none_without_a_rise(tmp_path):
@@ -136,3 +141,17 @@ def test_collapse_layer_none_without_a_rise(tmp_path):
     c = key_numbers(flat)["collapse_layer"]
     assert c["layer"] is None and c["last_rise"] == pytest.approx(0.01)
     assert "none: at indecipherable forks the last layer's share rose by only 0.01" in write_report(flat, tmp_path).read_text()
+
+
+def test_spearman_is_undefined_below_half_a_problem():
+    """Shrinkage that differs only by float round-off (pass@16 of .99995 against .99998) has no rank order."""
+    from analysis.sweep_stats import sweep_spearman
+
+    prev = [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+    tiny = pd.DataFrame({"task": "modes", "policy": "balanced", "strategy": "temperature:1", "prevalence": prev,
+                         "shrinkage": [1e-5, -2e-5, 3e-5, 0.0, 4e-5, 2e-5], "n_problems": 200})
+    assert np.isnan(sweep_spearman(tiny)["rho"].iloc[0]) and np.isnan(sweep_spearman(tiny)["rho_seed_means"].iloc[0])
+    real = tiny.assign(shrinkage=[0.0, 0.001, 0.002, 0.004, 0.05, 0.03])  # spans 10 problems of 200
+    got = sweep_spearman(real).iloc[0]
+    assert got["rho"] == pytest.approx(stats.spearmanr(prev, real["shrinkage"])[0])
+    assert got["rho_seed_means"] == pytest.approx(1.0)

@@ -28,9 +28,10 @@ def test_quick_sweep_figures_and_resume(quick_sweep, tmp_path):
     names = {f.stem for f in files}
     assert {"shrinkage_vs_prevalence", "sweep_coverage"} <= names
     text = report.read_text()
-    assert "Spearman ρ" in text  # the shrinkage table's last row per task
-    for task in set(df.task):
-        assert f"| {task} | Spearman ρ |" in text
+    for task in set(df.task):  # a table per task: a row per policy x strategy, ρ the last column
+        block = text.split(f"**{task}**", 1)[1].split("**", 1)[0]
+        assert "| policy | strategy | prevalence 0 | prevalence 1 | Spearman ρ |" in block
+        assert "| canonical | `temperature:1` |" in block
     # a second call finds every cell done and rebuilds the same table
     again = sweep(out=out, quick=True, workers=1, progress=False, log=lambda *_: None)
     pd.testing.assert_frame_equal(df, again)
