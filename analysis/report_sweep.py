@@ -67,10 +67,11 @@ def _mitigation_section(kn: dict[str, Any], combos: list[tuple[str, str]]) -> li
         "",
         f"At each task's highest prevalence: the pass@{k} that canonical SFT (decoded `{default}`) lost against the "
         f"base (decoded `{default}`), the share of it each mitigation wins back, (mitigation pass@{k} − canonical "
-        f"pass@{k}) / lost, and its pass@1 change against canonical SFT; mean over seeds, then each seed.",
+        f"pass@{k}) / lost, its pass@1 change against canonical SFT (mean over seeds, then each seed), and that "
+        "change as a share of the pass@1 canonical SFT gained over the base (the pass@1 it gives back).",
         "",
-        f"| task | prevalence | lost pass@{k} | policy, strategy | won back | pass@1 change |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| task | prevalence | lost pass@{k} | policy, strategy | won back | pass@1 change | pass@1 gain given back |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {c: i for i, c in enumerate(combos)}
     wb = wb.assign(_o=[order.get((p, s), len(order)) for p, s in zip(wb["policy"], wb["strategy"])])
@@ -78,7 +79,18 @@ def _mitigation_section(kn: dict[str, Any], combos: list[tuple[str, str]]) -> li
         seeds_wb = " / ".join("–" if pd.isna(v) else f"{100 * v:.0f}%" for v in r["won_back_seeds"])
         seeds_p1 = " / ".join(f"{v:+.3f}" for v in r["pass1_change_seeds"])
         mean_wb = "–" if pd.isna(r["won_back_mean"]) else f"{100 * r['won_back_mean']:.0f}%"
+        share = r.get("pass1_cost_share_mean", float("nan"))
+        share = "–" if pd.isna(share) else f"{100 * share + 0.0:.0f}%".replace("-0%", "0%")
         lines.append(f"| {r['task']} | {r['prevalence']:g} | {_f(r['lost_mean'])} | {r['policy']}, `{r['strategy']}` | "
-                     f"{mean_wb} ({seeds_wb}) | {r['pass1_change_mean']:+.3f} ({seeds_p1}) |")
-    lines.append("")
+                     f"{mean_wb} ({seeds_wb}) | {r['pass1_change_mean']:+.3f} ({seeds_p1}) | {share} |")
+    lines += ["", _both_tasks_line(wb.sort_values(["task", "_o"]), k), ""]
     return lines
+
+
+def _both_tasks_line(wb: pd.DataFrame, k: int) -> str:
+    """The mitigations that win back half the loss at a third of the pass@1 gain on every task (claim 3's bar)."""
+    tasks = set(wb["task"])
+    good = wb[(wb["won_back_mean"] >= 0.5) & (wb["pass1_cost_share_mean"].fillna(float("inf")) <= 1 / 3)]
+    names = [f"{p}, `{s}`" for (p, s), g in good.groupby(["policy", "strategy"], sort=False) if set(g["task"]) == tasks]
+    head = f"Won back ≥ 50% of the lost pass@{k} at ≤ 1/3 of SFT's pass@1 gain on every task"
+    return f"{head}: {'; '.join(names)}." if names else f"{head}: none."

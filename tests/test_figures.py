@@ -250,7 +250,7 @@ def test_shrinkage_vs_prevalence_lines_and_rho(sweep_df):
     assert len(fig.axes) == 4  # 2 rows x 2 tasks
     top_left = fig.axes[0]
     bars = [c for c in top_left.containers if isinstance(c, ErrorbarContainer)]
-    assert len(bars) == 4  # (canonical, balanced) x (default, diversity)
+    assert len(bars) == 3  # canonical at both strategies, balanced at the default (headline_lines)
     ref = expected_shrinkage(sweep_df, "arith", "canonical", DEFAULT_STRATEGY)
     line = bars[0].lines[0]
     np.testing.assert_allclose(line.get_xdata(), sorted(ref))
@@ -260,16 +260,21 @@ def test_shrinkage_vs_prevalence_lines_and_rho(sweep_df):
     xs = [p for p in sorted(ref) for _ in ref[p]]
     ys = [a for p in sorted(ref) for a, _ in ref[p]]
     rho = stats.spearmanr(xs, ys)[0]
-    legend = [t.get_text() for t in fig.axes[2].get_legend().get_texts()]
-    assert legend[0] == f"canonical, {DEFAULT_STRATEGY} (ρ = {rho:.2f})"
+    assert [t.get_text() for t in top_left.texts] == [f"ρ = {rho:.2f} (canonical, {DEFAULT_STRATEGY})"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]  # one legend for every panel
+    assert legend == [f"canonical, {DEFAULT_STRATEGY}", f"canonical, {DIVERSITY_STRATEGY}", f"balanced, {DEFAULT_STRATEGY}"]
     assert "shrinkage" in top_left.get_ylabel() and "prevalence" in fig.axes[2].get_xlabel()
+    everything = F.shrinkage_vs_prevalence(sweep_df, lines=[("balanced", DIVERSITY_STRATEGY)])
+    assert [t.get_text() for t in everything.legends[0].get_texts()] == [f"balanced, {DIVERSITY_STRATEGY}"]
+    with pytest.raises(UsageError, match="no cells for paired, greedy"):
+        F.shrinkage_vs_prevalence(sweep_df, lines=[("paired", "greedy")])
 
 
 def test_sweep_coverage_curves(sweep_df):
     fig = F.sweep_coverage(sweep_df, task="arith", prevalence=1.0)
     ax = fig.axes[0]
     lines = _labelled_lines(ax)
-    assert [l.get_label() for l in lines] == ["base", "SFT canonical", "SFT balanced", f"SFT canonical + {DIVERSITY_STRATEGY}"]
+    assert [l.get_label() for l in lines] == ["base", "SFT canonical", f"SFT canonical + {DIVERSITY_STRATEGY}", "SFT balanced"]
     p = sweep_df[(sweep_df["metric"] == "pass@k") & (sweep_df["task"] == "arith") & (sweep_df["strategy"] == DEFAULT_STRATEGY)]
     base = p[p["step"] == 0].groupby(["seed", "k"])["value"].mean().groupby("k").mean()
     np.testing.assert_allclose(lines[0].get_ydata(), base.to_numpy())

@@ -40,6 +40,7 @@ def test_won_back_by_hand():
     # seed 0: lost = .96 - .86 = .10; balanced at T reaches .95 -> 90% back, pass@1 .60 - .62
     r = wb.loc[(0, "balanced", T)]
     assert math.isclose(r["lost"], 0.10) and math.isclose(r["won_back"], 0.9) and math.isclose(r["pass1_change"], -0.02)
+    assert math.isclose(r["pass1_gain"], 0.62 - 0.50) and math.isclose(r["pass1_cost_share"], 0.02 / 0.12)
     # fork_temp on canonical SFT is measured against the base at the DEFAULT decoding (.96), not its own base (.95)
     r = wb.loc[(0, "canonical", D)]
     assert math.isclose(r["won_back"], 0.5) and math.isclose(r["pass1_change"], 0.45 - 0.62)
@@ -66,4 +67,8 @@ def test_report_states_the_mitigation_table(tmp_path):
     assert math.isclose(rows[("balanced", T)]["won_back_mean"], 0.95)
     text = write_report(_table(), tmp_path).read_text()
     assert "### Mitigations" in text
-    assert f"| graph | 1 | 0.090 | balanced, `{T}` | 95% (90% / 100%) | -0.020 (-0.020 / -0.020) |" in text
+    # pass@1 cost as a share of SFT's pass@1 gain: seed 0 .02/.12, seed 1 .02/.14
+    share = 100 * (0.02 / 0.12 + 0.02 / 0.14) / 2
+    assert f"| graph | 1 | 0.090 | balanced, `{T}` | 95% (90% / 100%) | -0.020 (-0.020 / -0.020) | {share:.0f}% |" in text
+    # fork_temp on canonical: 50% and 7/8 back, pass@1 -.17/-.20 of gains .12/.14: over a third, so not named
+    assert f"Won back ≥ 50% of the lost pass@16 at ≤ 1/3 of SFT's pass@1 gain on every task: balanced, `{T}`." in text
