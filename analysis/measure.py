@@ -187,7 +187,9 @@ class SampleOutcome:
     has_fork: np.ndarray
     truncated: np.ndarray
     records: list[dict[str, Any]]
-    """One per problem x sample: problem, sample, kind, text, finished, correct, fork_branch, fork_valid, n_tokens."""
+    fork_reached: np.ndarray | None = None
+    """Per problem: samples that followed the gold completion up to its first fork (and went on)."""
+    """One per problem x sample: problem, sample, kind, text, finished, correct, fork_reached, fork_branch, fork_valid, n_tokens."""
 
 
 def native_budget(problems: Sequence[EncodedProblem], n_ctx: int | None) -> int:
@@ -251,7 +253,7 @@ def sample_outcomes(
     except NonFiniteLogits as e:
         raise UsageError(f"{model.path}: {e}; no number is reported for it") from None
     P = len(problems)
-    correct, fork_valid, coverage, truncated = (np.zeros(P, dtype=int) for _ in range(4))
+    correct, fork_valid, coverage, truncated, reached = (np.zeros(P, dtype=int) for _ in range(5))
     has_fork = np.array([p.first_fork is not None for p in problems])
     records: list[dict[str, Any]] = []
     tokens, finished = out.tokens.tolist(), out.finished.tolist()
@@ -267,7 +269,9 @@ def sample_outcomes(
             correct[i] += ok
             truncated[i] += not done
             branch, valid = "", None
-            if fork is not None and j < len(s) and s[:j] == gold[:j] and s[j] in fork.branch_ids:
+            at_fork = fork is not None and j < len(s) and s[:j] == gold[:j]
+            reached[i] += at_fork
+            if at_fork and s[j] in fork.branch_ids:
                 b = fork.branch_ids.index(s[j])
                 branch, valid = fork.branches[b], bool(fork.valid[b])
                 if fork.valid[b]:
@@ -275,9 +279,11 @@ def sample_outcomes(
                     seen_valid.add(b)
             n_tokens = next((t + 1 for t, x in enumerate(s) if x in tok.stop_ids), len(s))
             records.append({"problem": p.index, "sample": sample_j, "kind": p.kind, "text": text, "finished": bool(done),
-                            "correct": ok, "fork_branch": branch, "fork_valid": valid, "n_tokens": n_tokens})
+                            "correct": ok, "fork_reached": bool(at_fork), "fork_branch": branch, "fork_valid": valid,
+                            "n_tokens": n_tokens})
         coverage[i] = len(seen_valid)
-    return SampleOutcome([p.kind for p in problems], n, correct, fork_valid, coverage, has_fork, truncated, records)
+    return SampleOutcome([p.kind for p in problems], n, correct, fork_valid, coverage, has_fork, truncated, records,
+                         reached)
 
 
 def sample_rows(out: SampleOutcome, strategy: str, where: dict[str, Any], rng: np.random.Generator,
@@ -301,6 +307,14 @@ def sample_rows(out: SampleOutcome, strategy: str, where: dict[str, Any], rng: n
             est = bootstrap_mean_ci(out.coverage[fsel].astype(float), rng, n_boot=n_boot)
             rows.append(row(metric="branch_coverage", value=est.value, ci_low=est.low, ci_high=est.high,
                             n=int(fsel.sum()), kind=kind, strategy=strategy, **where))
+    if out.fork_reached is not None:  # its own stream, so adding it moved no other interval
+        rrng = np.random.default_rng(seed_for(where.get("checkpoint"), strategy, "fork_reached_rate"))
+        for kind, sel in _by_kind(out.kind):
+            fsel = sel & out.has_fork
+            if fsel.any():
+                est = bootstrap_mean_ci(out.fork_reached[fsel] / out.n, rrng, n_boot=n_boot)
+                rows.append(row(metric="fork_reached_rate", value=est.value, ci_low=est.low, ci_high=est.high,
+                                n=int(fsel.sum()), kind=kind, strategy=strategy, **where))
     # its own stream, so adding it moved no other interval
     trng = np.random.default_rng(seed_for(where.get("checkpoint"), strategy, "truncated_rate"))
     for kind, sel in _by_kind(out.kind):

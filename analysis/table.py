@@ -64,6 +64,7 @@ METRICS = {
     "probe_chance_demonstrated": "chance accuracy of the demonstrated-branch probe: mean 1/b over the tested forks",
     "pass@k": "unbiased pass@k, 1 - C(n-c,k)/C(n,k), 95% bootstrap interval over problems",
     "fork_valid_rate": "share of samples whose first fork move is a valid branch",
+    "fork_reached_rate": "share of samples that followed the gold completion up to its first fork (the rest make no fork move)",
     "branch_coverage": "mean number of distinct valid branches among a problem's n samples",
     "truncated_rate": "share of samples that hit the max-new-tokens budget before a stop (scored as failures)",
     "branch_value_valid": "success rate of continuations after forcing a valid branch at the first fork (mean over them)",

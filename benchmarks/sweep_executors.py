@@ -7,7 +7,8 @@
    (the Ray instance's start is timed apart: a cluster is started once and serves many sweeps).
    Both tables are checked to be equal. Ray's overhead per task = (Ray wall - local wall) / tasks.
 2. On paper: the default grid (``training/configs/sweep.json``) with the per-job times the
-   README's 37-minute run implies on one core (base model ~2.5 min, cell ~1 min, measurement ~5 s),
+   arguments give (defaults: base model 400 s, cell 108 s, measurement 19 s: what the README's 56-minute
+   ``--workers 2`` run of 2026-12-01 logged per job on one core),
    scheduled on N = 2, 4, 8, 16 workers both ways: the local executor's stages (every base, then
    every cell, then every measurement) and Ray's dependencies (a cell as soon as its own base is
    done, a measurement as soon as its training is), with the bound max(work / N, critical path).
@@ -15,7 +16,7 @@
 R = Ray's sweep wall / the local pool's (cluster start excluded).  Target: R <= 1.25 on one
 machine (Ray's gains come from more machines, not from these two cores).
 
-    python benchmarks/sweep_executors.py [--workers 2] [--paper-only] [--base-s 150 --cell-s 60 --measure-s 5]
+    python benchmarks/sweep_executors.py [--workers 2] [--paper-only] [--base-s 400 --cell-s 108 --measure-s 19]
 """
 
 from __future__ import annotations
@@ -141,9 +142,7 @@ def paper(base_s: float, cell_s: float, measure_s: float, ns: list[int]) -> None
         loc, ray_ = makespan(dur, barrier, n), makespan(dur, deps, n)
         bound = max(work / n, path)
         print(f"{n:>8}{loc / 60:>21.1f}{ray_ / 60:>17.1f}{bound / 60:>13.1f}{work / ray_:>13.1f}x{work / ray_ / n:>12.0%}")
-    two = makespan(dur, deps, 2)
-    print(f"(each worker a core of its own; the README's 37 min with --workers 2 on the busy 2-core CPU is "
-          f"{37 * 60 / two:.2f}x this model's {two / 60:.1f} min for 2 workers)")
+    print("(each worker a core of its own; the per-job times are the arguments: read them off a real sweep's log)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -151,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=2, help="local pool processes and Ray CPUs (default 2)")
     p.add_argument("--paper-only", action="store_true", help="only the on-paper schedule of the default grid")
-    p.add_argument("--base-s", type=float, default=150.0, help="one base model on one core, seconds (default 150)")
-    p.add_argument("--cell-s", type=float, default=60.0, help="one SFT cell on one core, seconds (default 60)")
-    p.add_argument("--measure-s", type=float, default=5.0, help="one measurement on one core, seconds (default 5)")
+    p.add_argument("--base-s", type=float, default=400.0, help="one base model on one core, seconds (default 400)")
+    p.add_argument("--cell-s", type=float, default=108.0, help="one SFT cell on one core, seconds (default 108)")
+    p.add_argument("--measure-s", type=float, default=19.0, help="one measurement on one core, seconds (default 19)")
     p.add_argument("--paper-workers", type=int, nargs="+", default=[2, 4, 8, 16], help="N for the schedule (default 2 4 8 16)")
     args = p.parse_args(argv)
     if C.serve_worker(args, {"local": worker_local, "ray": worker_ray}):

@@ -254,7 +254,7 @@ def measure_checkpoint(model, encoded, verify, strategies, n, ks, seed, label, w
 
 
 SAMPLE_COLUMNS = ("checkpoint", "phase", "step", "strategy", "problem", "sample", "kind", "text", "finished",
-                  "correct", "fork_branch", "fork_valid", "n_tokens")
+                  "correct", "fork_reached", "fork_branch", "fork_valid", "n_tokens")
 
 
 def samples_frame(frames: list[pd.DataFrame], where: dict[str, Any]) -> pd.DataFrame:

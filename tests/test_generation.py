@@ -47,8 +47,8 @@ def test_samples_parquet_holds_every_sample_and_agrees_with_the_table(tiny_run, 
     s = pd.read_parquet(tmp_path / "res" / "samples.parquet")
     problems = read_jsonl(tiny_run / "data" / "eval.jsonl")
     assert len(s) == 2 * 2 * len(problems) * 4
-    assert list(s.columns[:13]) == ["checkpoint", "phase", "step", "strategy", "problem", "sample", "kind", "text",
-                                    "finished", "correct", "fork_branch", "fork_valid", "n_tokens"]
+    assert list(s.columns[:14]) == ["checkpoint", "phase", "step", "strategy", "problem", "sample", "kind", "text",
+                                    "finished", "correct", "fork_reached", "fork_branch", "fork_valid", "n_tokens"]
     task = get_task(json.loads((tiny_run / "checkpoints" / "sft-step000020" / "config.json").read_text())["task"])
     for r in s.sample(40, random_state=0).itertuples():  # the verdict is the verifier's on the saved text
         assert r.correct == (r.finished and task.verify(problems[r.problem], r.text))
@@ -58,6 +58,12 @@ def test_samples_parquet_holds_every_sample_and_agrees_with_the_table(tiny_run, 
         assert float(pass1.value.iloc[0]) == pytest.approx(per_problem.mean(), abs=1e-12)
         trunc = df[(df.checkpoint == ck) & (df.strategy == strategy) & (df.metric == "truncated_rate") & (df.kind == "all")]
         assert float(trunc.value.iloc[0]) == pytest.approx(1 - g["finished"].mean(), abs=1e-12)
+        # a fork move is made only by a sample that reached the fork; the rates are shares of all samples
+        assert not (g["fork_branch"].ne("") & ~g["fork_reached"]).any()
+        for metric, col in (("fork_reached_rate", g["fork_reached"]), ("fork_valid_rate", g["fork_valid"].fillna(False))):
+            got = df[(df.checkpoint == ck) & (df.strategy == strategy) & (df.metric == metric) & (df.kind == "all")]
+            want = col.astype(float).groupby(g["problem"]).mean().mean()
+            assert float(got.value.iloc[0]) == pytest.approx(want, abs=1e-12), metric
         valid = df[(df.checkpoint == ck) & (df.strategy == strategy) & (df.metric == "fork_valid_rate") & (df.kind == "all")]
         assert float(valid.value.iloc[0]) == pytest.approx(g["fork_valid"].fillna(False).groupby(g["problem"]).mean().mean(), abs=1e-12)
     # samples are written with the table: a rerun that measures nothing leaves the same file

@@ -174,7 +174,7 @@ def probe_heatmap(
     require_columns(df)
     metrics = {f"probe_{what}_{t}" for t in targets for what in ("acc", "selectivity")}
     if not metrics & set(df["metric"]):
-        raise UsageError("probe_heatmap needs probe_acc_* / probe_selectivity_* rows; the table has none (run with probes on)")
+        raise UsageError("probe_heatmap needs probe_acc_* / probe_selectivity_* rows; the table has none (probes are fitted on a probe-training split from a native task's generator: native checkpoints with probes on; an --eval file of your own has none)")
     mats: dict[tuple[str, str], tuple[np.ndarray, list[str], list[int]]] = {}
     for metric in sorted(metrics):
         for kind in kinds:

@@ -38,7 +38,7 @@ def lens_kl(df: pd.DataFrame, *, kind: str = "all") -> Figure:
     """How far each layer's reading is from the model's output, through the logit and the tuned lens."""
     require_columns(df)
     if not (df["metric"] == "tuned_lens_kl_final").any():
-        raise UsageError("lens_kl needs tuned_lens_kl_final rows (probes run fits the tuned lens unless --no-tuned-lens)")
+        raise UsageError("lens_kl needs tuned_lens_kl_final rows (probes run fits the tuned lens on task text unless --no-tuned-lens: native checkpoints, not an --eval file of your own)")
     colors = checkpoint_colors(df)
     with paper_style():
         fig = new_figure(COL_W, 2.6)
