@@ -5,7 +5,6 @@ See :mod:`analysis.forks` for the rule and the parameters.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, replace
@@ -16,7 +15,7 @@ import numpy as np
 
 from hooks.encode import EncodeReport, encode_problem
 from training.errors import UsageError
-from training.schema import DecisionPoint, Problem, problem_from_dict
+from training.schema import DecisionPoint, Problem, iter_json_lines, problem_from_dict
 
 
 DEFAULTS = {"samples": 16, "p": 0.02, "entropy_quantile": 0.7, "tau": 0.5}
@@ -33,21 +32,7 @@ def read_problems(path: str | os.PathLike) -> list[Problem]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"no such file: {path} (give a JSONL file with prompt, completion, answer per line)")
-    out = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            out.append(_as_problem(obj, f"{path}:{lineno}"))
-    return out
+    return [_as_problem(obj, where) for where, obj in iter_json_lines(path)]
 
 
 def _as_problem(obj: Any, where: str) -> Problem:

@@ -9,7 +9,8 @@ tuned lens is fitted from nothing (its cache is empty: the worst case):
   ``git worktree`` into a temporary directory, its defaults (probes and the logit lens);
 - ``default``: this tree's defaults (probes, logit lens and tuned lens);
 - ``no tuned lens``: this tree with ``--no-tuned-lens`` (what the tuned lens adds);
-- ``demo settings``: this tree with ``--forcing 16 --patching`` (what ``probes demo`` runs).
+- ``demo settings``: this tree with ``--forcing 16 --patching --reference BASE`` (what ``probes
+  demo`` runs on each checkpoint; BASE is the series' SFT step 0 beside the checkpoint).
 
 R = default / reference (wall time of the whole command, imports included). Target: R <= 2.
 
@@ -57,6 +58,9 @@ def main() -> None:
     ck = Path(args.checkpoint).resolve()
     if not (ck / "model.safetensors").is_file():
         raise SystemExit(f"no checkpoint at {ck}: run `probes demo` first or pass --checkpoint DIR")
+    base = ck.parent / "sft-step000000"  # patching's reference: the series' base, as in the demo
+    if not (base / "model.safetensors").is_file():
+        raise SystemExit(f"no base checkpoint beside {ck} (expected {base}): the demo settings patch against it")
     common = ["--checkpoints", str(ck), "--samples", str(args.samples), "--device", args.device]
     print(C.machine_line(args.threads or 0, args.device))
     with tempfile.TemporaryDirectory(prefix="run_cost_") as tmp:
@@ -65,7 +69,7 @@ def main() -> None:
         try:
             contenders = [("reference", tree, common), ("default", C.REPO, common),
                           ("no tuned lens", C.REPO, [*common, "--no-tuned-lens"]),
-                          ("demo settings", C.REPO, [*common, "--forcing", "16", "--patching"])]
+                          ("demo settings", C.REPO, [*common, "--forcing", "16", "--patching", "--reference", str(base)])]
             seconds: dict[str, list[float]] = {}
             for r in range(args.repeats):
                 for name, where, a in contenders:

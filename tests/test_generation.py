@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probes.cli import main
 from tests.hf_fixtures import build_scripted_checkpoint, build_tokenizer
 from tests.test_bad_input import one_line_exit_2, run_cli
 from training.schema import DecisionPoint, Problem, read_jsonl, write_jsonl

@@ -109,6 +109,12 @@ def read_jsonl(path: str | os.PathLike) -> list[Problem]:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[Problem]:
+    for where, obj in iter_json_lines(path):
+        yield problem_from_dict(obj, where)
+
+
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """(``PATH:LINE``, parsed object) per non-blank line; one clear error for bytes or JSON that are not."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -122,7 +128,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[Problem]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            yield problem_from_dict(obj, f"{path}:{lineno}")
+            yield f"{path}:{lineno}", obj
 
 
 def write_jsonl(path: str | os.PathLike, problems: Iterable[Problem]) -> Path:
