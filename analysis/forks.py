@@ -288,6 +288,8 @@ def run_plan(plan: ForkPlan, log: Callable[[str], None] = print, progress: bool 
     table["success_rate"] = (table["successes"] / table["samples"]).where(table["samples"] > 0)
     decided = decide(table, s.p, H, s.tau)
     annotated, written = annotate(plan.problems, decided, tok)
+    if plan.user_prompts is not None:  # written back as the user turns they were given as
+        annotated = [replace(a, prompt=u) for a, u in zip(annotated, plan.user_prompts)]
     decided["written"] = written
     summary = _summary(plan, decided, annotated, int(len(entropies)), float(H), time.perf_counter() - t0)
     if plan.out is not None:
@@ -322,7 +324,7 @@ def find_forks(model: Any, problems: Any, out: str | os.PathLike | None = None, 
                samples: int | None = None, p: float | None = None, entropy_quantile: float | None = None,
                entropy: float | None = None, tau: float | None = None, max_new_tokens: int | None = None,
                device: Any = None, seed: int = 0, answer_prefix: str = "answer", strategy: str = DEFAULT_STRATEGY,
-               batch_size: int | None = None, sample_batch: int | None = None,
+               batch_size: int | None = None, sample_batch: int | None = None, chat_template: bool = False,
                log: Callable[[str], None] = print, progress: bool = False) -> ForkDiscovery:
     """Fork discovery on ``problems`` with ``model`` as the reference; see the module docstring.
 
@@ -333,5 +335,5 @@ def find_forks(model: Any, problems: Any, out: str | os.PathLike | None = None, 
     plan = plan_forks(model, problems, out=out, verifier=verifier, samples=samples, p=p,
                       entropy_quantile=entropy_quantile, entropy=entropy, tau=tau, max_new_tokens=max_new_tokens,
                       device=device, seed=seed, answer_prefix=answer_prefix, strategy=strategy,
-                      batch_size=batch_size, sample_batch=sample_batch)
+                      batch_size=batch_size, sample_batch=sample_batch, chat_template=chat_template)
     return run_plan(plan, log=log, progress=progress)

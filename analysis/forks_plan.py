@@ -142,6 +142,9 @@ class ForkPlan:
     data_path: Path | None
     batch_size: int
     sample_batch: int
+    user_prompts: list[str] | None = None
+    """With a chat template: each line's own ``prompt`` (the user turn), written back in the output
+    while ``problems`` hold the templated prompts the model reads."""
 
 
 def candidates_path(out: str | os.PathLike) -> Path:
@@ -207,12 +210,14 @@ def plan_forks(model: Any, data: Any, out: str | os.PathLike | None = None, veri
                samples: int | None = None, p: float | None = None, entropy_quantile: float | None = None,
                entropy: float | None = None, tau: float | None = None, max_new_tokens: int | None = None,
                device: Any = None, seed: int = 0, answer_prefix: str = "answer", strategy: str = DEFAULT_STRATEGY,
-               batch_size: int | None = None, sample_batch: int | None = None) -> ForkPlan:
+               batch_size: int | None = None, sample_batch: int | None = None,
+               chat_template: bool = False) -> ForkPlan:
     """Validate every input of a discovery and resolve its defaults, loading no weights, writing nothing.
 
     ``model``: a checkpoint directory (native or Hugging Face) or a loaded model (anything with
     ``tokenizer``, ``capture``, ``stepper()`` and ``device``). ``data``: a JSONL path, or a list of
-    ``Problem`` / dicts.
+    ``Problem`` / dicts. ``chat_template``: each line's ``prompt`` is the user turn of the
+    tokenizer's chat template (as ``probes run --chat-template``); the output keeps the line's own.
     """
     from training.train import pick_device
 
@@ -253,6 +258,14 @@ def plan_forks(model: Any, data: Any, out: str | os.PathLike | None = None, veri
         if cand.is_dir():
             raise UsageError(f"{cand} (the candidate table beside --out) is a directory; choose another --out")
     _check_tasks(problems, task, where)
+    user_prompts = None
+    if chat_template:
+        chat = getattr(tokenizer, "chat_prompt", None)
+        if chat is None:
+            raise UsageError(f"{name}: --chat-template needs a Hugging Face tokenizer with a chat template; "
+                             f"this checkpoint's tokenizer has none")
+        user_prompts = [q.prompt for q in problems]
+        problems = [replace(q, prompt=chat(q.prompt)) for q in problems]
     verify, spec = _as_verifier(verifier, task, answer_prefix)
     encoded = _encode_all(tokenizer, problems, where, name)
     longest = max(len(e.ids) for e in encoded)
@@ -283,7 +296,7 @@ def plan_forks(model: Any, data: Any, out: str | os.PathLike | None = None, veri
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UsageError(f"{nm} must be a whole number ≥ 1, got {v!r}")
     return ForkPlan(loaded, tokenizer, name, problems, encoded, verify, spec, settings, budget, n_ctx, dev, out_path,
-                    data_path, batch_size, sample_batch)
+                    data_path, batch_size, sample_batch, user_prompts)
 
 
 # ----------------------------------------------------------------------------- position statistics

@@ -93,6 +93,7 @@ def _forks(args: argparse.Namespace) -> None:
     api.find_forks(args.model, str(data), out=out, verifier=args.verifier, samples=args.samples, p=args.p,
                    entropy_quantile=args.entropy_quantile, entropy=args.entropy, tau=args.tau,
                    max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed, progress=not args.quiet,
+                   chat_template=args.chat_template,
                    **({"answer_prefix": args.answer_prefix} if args.answer_prefix else {}))
 
 
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     fk.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                     help="budget of a whole completion, prefix included (default: a native model's longest gold completion + 2; "
                          "Hugging Face: its generation config, else 512)")
+    fk.add_argument("--chat-template", action="store_true",
+                    help="each line's prompt is the user turn of the tokenizer's chat template (as in probes run); the output keeps it as written")
     fk.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     fk.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     fk.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -340,3 +340,28 @@ def test_forks_speed_benchmark_runs_at_a_tiny_size(tiny_run):
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert re.match(r"^forks_speed: ratio (nan|[0-9.]+) \(target .+\)$", lines[-1]), lines[-1]
     assert any(ln.startswith("discovery ") and "ms per problem" in ln for ln in lines)
+
+
+class _ChatWords(WordTokenizer):
+    """A word tokenizer whose 'chat template' turns the user turn ``q1`` into ``q1 :``."""
+
+    def chat_prompt(self, user: str) -> str:
+        return f"{user} :"
+
+
+def test_chat_template_reads_the_templated_prompt_and_writes_the_users(tmp_path):
+    """With ``chat_template`` the model reads each prompt through the tokenizer's template (here the
+    table only answers after ``:``), and the annotated output keeps the line's own prompt."""
+    plain = find_forks(ScriptedLM(table), problems(), verifier=ends_with_answer, samples=64, entropy=5.0, **QUIET)
+    lm = ScriptedLM(table)
+    lm.tokenizer = _ChatWords(WORDS)
+    users = [p.__class__(p.prompt[: -len(" :")], p.completion, p.answer, p.decision_points, p.extra) for p in problems()]
+    out = tmp_path / "chat.forks.jsonl"
+    chat = find_forks(lm, users, out=out, verifier=ends_with_answer, samples=64, entropy=5.0, chat_template=True, **QUIET)
+    assert [p.prompt for p in chat.problems] == [u.prompt for u in users] == ["q1", "q2", "q3", "q4", "q5", "q6"]
+    assert [[d.to_dict() for d in p.decision_points] for p in chat.problems] == \
+        [[d.to_dict() for d in p.decision_points] for p in plain.problems]
+    pd.testing.assert_frame_equal(chat.candidates.drop(columns=["pos"]), plain.candidates.drop(columns=["pos"]))
+    assert [p.prompt for p in read_jsonl(out)] == ["q1", "q2", "q3", "q4", "q5", "q6"]
+    with pytest.raises(Exception, match="needs a Hugging Face tokenizer with a chat template"):
+        find_forks(ScriptedLM(table), users, verifier=ends_with_answer, chat_template=True, **QUIET)
