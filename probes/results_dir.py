@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from analysis.table import to_frame
 from training.io import read_json_object
-from training.errors import UsageError
+from training.errors import UsageError, short_reason
 from training.io import atomic_write, is_temporary, remove_temporaries, sha256_json, write_json
 from training.phases import series_key
 
@@ -162,7 +162,7 @@ class ResultsDir:
         try:
             meta = pq.read_schema(f).metadata or {}
         except (pa.ArrowException, OSError) as e:
-            raise UsageError(f"{f} is not a readable parquet file ({str(e).splitlines()[0][:100]}); "
+            raise UsageError(f"{f} is not a readable parquet file ({short_reason(e)}); "
                              "delete it (or pass --force) to measure that checkpoint again") from None
         if _META_KEY not in meta:
             raise UsageError(f"{f} records no identity (written by an older fork-probes); "
@@ -188,7 +188,7 @@ class ResultsDir:
         try:
             return pd.read_parquet(f)
         except (pa.ArrowException, OSError, ValueError) as e:
-            raise UsageError(f"{f} is not a readable parquet file ({str(e).splitlines()[0][:100]}); "
+            raise UsageError(f"{f} is not a readable parquet file ({short_reason(e)}); "
                              "delete it (or pass --force) to measure that checkpoint again") from None
 
     def labels(self) -> list[str]:
@@ -233,7 +233,7 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     try:
         raw = pd.read_parquet(f)
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise UsageError(f"{f} is not a readable parquet file ({str(e).splitlines()[0][:100]})") from None
+        raise UsageError(f"{f} is not a readable parquet file ({short_reason(e)})") from None
     from analysis.table import COLUMNS
 
     missing = [c for c in COLUMNS if c not in raw.columns]
@@ -242,7 +242,7 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     try:
         return to_frame(raw.to_dict("records"))
     except (ValueError, TypeError) as e:
-        raise UsageError(f"{f} is not a fork-probes results table ({str(e).splitlines()[0][:100]})") from None
+        raise UsageError(f"{f} is not a fork-probes results table ({short_reason(e)})") from None
 
 
 def iter_labels(records: Iterable[Any]) -> list[str]:

@@ -486,3 +486,14 @@ def test_corrupt_part_in_out_is_refused(tiny_run, tmp_path, capsys):
     code, err = run_cli(argv, capsys)
     one_line_exit_2(code, err, "not a readable parquet file")
     assert _snapshot(tmp_path) == before
+
+
+def test_library_reasons_are_cut_at_a_sentence_or_a_word():
+    from training.errors import short_reason
+
+    torch_msg = RuntimeError("Weights only load failed. In PyTorch 2.6, we changed the default value of `weights_only`")
+    assert short_reason(torch_msg) == "Weights only load failed."
+    assert short_reason(OSError("a; b")) == "a"
+    assert short_reason(ValueError("")) == "ValueError"
+    long = short_reason(ValueError("word " * 60), limit=30)
+    assert long.endswith(" …") and len(long) <= 32 and not long[:-2].endswith("wor")

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from training.errors import UsageError
+from training.errors import UsageError, short_reason
 from training.io import atomic_directory, read_json, read_json_object, write_json
 from training.phases import NATIVE_NAME as NAME
 from training.phases import series_key
@@ -169,8 +169,7 @@ def read_train_state(path: str | Path) -> dict[str, Any] | None:
             warnings.simplefilter("ignore")
             state = torch.load(f, weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError...: anything but a tensor file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{f} is not a fork-probes train state ({type(e).__name__}: {first[:120]}); it is refused "
+        raise UsageError(f"{f} is not a fork-probes train state ({type(e).__name__}: {short_reason(e)}); it is refused "
                          "unread: delete that checkpoint directory to resume from the one before it") from None
     if not isinstance(state, dict) or not {"optimizer", "step", "tokens_seen"} <= set(state):
         raise UsageError(f"{f} is not a fork-probes train state (needs optimizer, step, tokens_seen); "
