@@ -124,6 +124,16 @@ def checkpoint_label(df: pd.DataFrame, name: str, *, short: bool = False) -> str
     return f"{phase} {step}" if short else f"{phase} step {step}"
 
 
+# --------------------------------------------------------------------------- policies
+
+
+def policy_rank(policy: str) -> tuple:
+    """Data policies in reading order: plain ones before their mitigations (``canonical+interp0.5``),
+    canonical before balanced, then by name."""
+    base, _, mitigation = str(policy).partition("+")
+    return (bool(mitigation), {"canonical": 0, "balanced": 1}.get(base, 2), str(policy))
+
+
 # --------------------------------------------------------------------------- strategies
 
 

@@ -142,12 +142,27 @@ def estimate_row(metric: str, values: np.ndarray, rng: np.random.Generator, n_bo
     return row(metric=metric, value=est.value, ci_low=est.low, ci_high=est.high, n=len(values), **cols, **where)
 
 
+def layer_rows(metrics: dict[str, np.ndarray], sel: np.ndarray, kind: str, rng: np.random.Generator,
+               n_boot: int, where: dict[str, Any]) -> list[dict]:
+    """Per layer, one row per metric (in the dict's order) over the items ``sel`` picks from each
+    [items, layer] array: the loop the logit lens, the tuned lens and patching share, so their
+    bootstrap draws come in one order."""
+    rows = []
+    n_layers = next(iter(metrics.values())).shape[1]
+    for layer in range(n_layers):
+        for metric, values in metrics.items():
+            r = estimate_row(metric, values[sel, layer], rng, n_boot, where, kind=kind, layer=layer)
+            if r is not None:
+                rows.append(r)
+    return rows
+
+
 def fork_rows(cap: ForkCapture, where: dict[str, Any], rng: np.random.Generator, n_boot: int = 1000) -> list[dict]:
     """entropy_fork / entropy_other, branch mass, and the logit lens per layer, per kind."""
     rows: list[dict] = []
 
-    def add(metric: str, values: np.ndarray, kind: str, layer: int | None = None) -> None:
-        r = estimate_row(metric, values, rng, n_boot, where, kind=kind, layer=layer)
+    def add(metric: str, values: np.ndarray, kind: str) -> None:
+        r = estimate_row(metric, values, rng, n_boot, where, kind=kind, layer=None)
         if r is not None:
             rows.append(r)
 
@@ -165,10 +180,8 @@ def fork_rows(cap: ForkCapture, where: dict[str, Any], rng: np.random.Generator,
         add("mass_valid", valid[sel], kind)
         add("mass_top_branch", top[sel], kind)
         add("mass_branches", total[sel], kind)
-        for layer in range(cap.lens_mass.shape[1]):
-            add("lens_mass_valid", lvalid[sel, layer], kind, layer)
-            add("lens_mass_top_branch", ltop[sel, layer], kind, layer)
-            add("lens_kl_final", cap.lens_kl[sel, layer], kind, layer)
+        rows += layer_rows({"lens_mass_valid": lvalid, "lens_mass_top_branch": ltop, "lens_kl_final": cap.lens_kl},
+                           sel, kind, rng, n_boot, where)
     for kind, sel in _by_kind(cap.other_kind):
         add("entropy_other", cap.other_entropy[sel], kind)
     return rows

@@ -196,7 +196,7 @@ def patch_rows(model: Instrumented, reference: Instrumented, encoded: Sequence[E
     Forks where the checkpoint and the reference agree (|shift| < ``min_shift``) give no value;
     their count goes to ``log`` (and is on ``cap.skipped`` when a capture is passed in).
     """
-    from analysis.measure import _by_kind, estimate_row
+    from analysis.measure import _by_kind, layer_rows
 
     if cap is None:
         cap = patch_capture(model, reference, encoded, batch_size=batch_size, min_shift=min_shift)
@@ -205,15 +205,7 @@ def patch_rows(model: Instrumented, reference: Instrumented, encoded: Sequence[E
         return rows
     if log is not None and cap.undefined_text():
         log(f"{where.get('checkpoint', model.name)}: patching against {reference.name}: {cap.undefined_text()}")
-    recovered, induced = cap.recovered(), cap.induced()
-
-    def add(metric: str, values: np.ndarray, kind: str, layer: int) -> None:
-        r = estimate_row(metric, values, rng, n_boot, where, kind=kind, layer=layer)
-        if r is not None:
-            rows.append(r)
-
+    metrics = {"patch_recovered_share": cap.recovered(), "patch_induced_share": cap.induced()}
     for kind, sel in _by_kind(cap.kind):
-        for layer in range(recovered.shape[1]):
-            add("patch_recovered_share", recovered[sel, layer], kind, layer)
-            add("patch_induced_share", induced[sel, layer], kind, layer)
+        rows += layer_rows(metrics, sel, kind, rng, n_boot, where)
     return rows

@@ -6,6 +6,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.conventions import policy_rank
 from analysis.report_format import _f
 
 __all__ = ["sweep_section"]
@@ -48,10 +49,9 @@ def sweep_section(kn: dict[str, Any]) -> list[str]:
 
 
 def _combo_order(ps: tuple[str, str], default: str) -> tuple:
-    """Plain policies before their interpolations; canonical before balanced; the default strategy first."""
+    """Policies in :func:`~analysis.conventions.policy_rank` order; the default strategy first."""
     policy, strategy = ps
-    base, _, mitigation = policy.partition("+")
-    return (bool(mitigation), {"canonical": 0, "balanced": 1}.get(base, 2), policy, strategy != default, strategy)
+    return (*policy_rank(policy), strategy != default, strategy)
 
 
 def _mitigation_section(kn: dict[str, Any], combos: list[tuple[str, str]]) -> list[str]:

@@ -156,15 +156,14 @@ def sweep_spearman(shrink: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (task, policy, strategy), g in shrink.groupby(["task", "policy", "strategy"]):
         means = g.groupby("prevalence")["shrinkage"].mean()
-        if "n_problems" in g and np.ptp(g["shrinkage"].to_numpy(float)) < 0.5 / float(g["n_problems"].max()):
-            g, means = g.assign(shrinkage=0.0), means * 0.0  # constant: no rho
+        flat = "n_problems" in g and np.ptp(g["shrinkage"].to_numpy(float)) < 0.5 / float(g["n_problems"].max())
         rows.append(
             {
                 "task": task,
                 "policy": policy,
                 "strategy": strategy,
-                "rho": spearman(g["prevalence"].to_numpy(float), g["shrinkage"].to_numpy(float)),
-                "rho_seed_means": spearman(means.index.to_numpy(float), means.to_numpy(float)),
+                "rho": math.nan if flat else spearman(g["prevalence"].to_numpy(float), g["shrinkage"].to_numpy(float)),
+                "rho_seed_means": math.nan if flat else spearman(means.index.to_numpy(float), means.to_numpy(float)),
                 "n": len(g),
             }
         )

@@ -251,7 +251,7 @@ def tuned_lens_rows(model: Instrumented, lens: TunedLens, cap, encoded: Sequence
     """``tuned_lens_mass_valid``, ``tuned_lens_mass_top_branch`` and ``tuned_lens_kl_final`` per
     kind and layer, as ``fork_rows`` gives the ``lens_*`` rows (same kinds, same bootstrap), read
     from the fork capture's residuals (``cap = teacher_forced(model, encoded)``)."""
-    from analysis.measure import _by_kind, estimate_row
+    from analysis.measure import _by_kind, layer_rows
 
     rows: list[dict] = []
     if not len(cap.problem):
@@ -275,14 +275,7 @@ def tuned_lens_rows(model: Instrumented, lens: TunedLens, cap, encoded: Sequence
     lvalid = mass_valid(lmass, vmask).numpy()
     lkl = torch.cat(kls).numpy()
 
-    def add(metric: str, values: np.ndarray, kind: str, layer: int) -> None:
-        r = estimate_row(metric, values, rng, n_boot, where, kind=kind, layer=layer)
-        if r is not None:
-            rows.append(r)
-
+    metrics = {"tuned_lens_mass_valid": lvalid, "tuned_lens_mass_top_branch": ltop, "tuned_lens_kl_final": lkl}
     for kind, sel in _by_kind(cap.kind):
-        for layer in range(lmass.shape[1]):
-            add("tuned_lens_mass_valid", lvalid[sel, layer], kind, layer)
-            add("tuned_lens_mass_top_branch", ltop[sel, layer], kind, layer)
-            add("tuned_lens_kl_final", lkl[sel, layer], kind, layer)
+        rows += layer_rows(metrics, sel, kind, rng, n_boot, where)
     return rows

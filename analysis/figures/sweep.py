@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.conventions import default_strategy, strategy_rank
+from analysis.conventions import default_strategy, policy_rank, strategy_rank
 from analysis.figures.registry import figure
 from analysis.figures.style import BASE_COLOR, COL_W, PAGE_W, POLICY_COLORS, fmt_num, k_axis, new_figure, paper_style
 from analysis.sweep_stats import sweep_base_mask, sweep_pass, sweep_sft_mask, sweep_shrinkage, sweep_spearman, sweep_summary
@@ -18,7 +18,7 @@ __all__ = ["headline_lines", "shrinkage_vs_prevalence", "sweep_coverage"]
 
 
 def _policy_order(policies) -> list[str]:
-    return sorted(set(policies), key=lambda p: ({"canonical": 0, "balanced": 1}.get(p, 2), p))
+    return sorted(set(policies), key=policy_rank)
 
 
 def _strategy_order(df: pd.DataFrame, strategies) -> list[str]:
@@ -119,7 +119,9 @@ def sweep_coverage(df: pd.DataFrame, *, task: str | None = None, prevalence: flo
     tasks = sorted(set(p["task"]))
     if task is not None and task not in tasks:
         raise UsageError(f"sweep_coverage: task {task!r} is not in the table; tasks: {', '.join(map(str, tasks))}")
-    panels = [_sweep_coverage_panel(df, p[p["task"] == t], t, prevalence) for t in ([task] if task is not None else tasks)]
+    chosen = headline_lines(df, sweep_shrinkage(df))  # the same lines, colours and styles as the headline figure
+    panels = [_sweep_coverage_panel(df, p[p["task"] == t], t, prevalence, chosen)
+              for t in ([task] if task is not None else tasks)]
     ks = sorted(set(p["k"]))
     with paper_style():
         n = len(panels)
@@ -146,7 +148,8 @@ def sweep_coverage(df: pd.DataFrame, *, task: str | None = None, prevalence: flo
     return fig
 
 
-def _sweep_coverage_panel(df: pd.DataFrame, p: pd.DataFrame, task: str, prevalence: float | None):
+def _sweep_coverage_panel(df: pd.DataFrame, p: pd.DataFrame, task: str, prevalence: float | None,
+                          chosen: list[tuple[str, str]]):
     """(title, [(label, curve, style)]) for one task's coverage panel."""
     is_base = sweep_base_mask(p)
     sft = p[sweep_sft_mask(p, is_base)]
@@ -160,7 +163,6 @@ def _sweep_coverage_panel(df: pd.DataFrame, p: pd.DataFrame, task: str, prevalen
     sft = sft[np.isclose(sft["prevalence"].astype(float), close[0])]
     sft = sft[sft["step"] == sft.groupby(["policy", "seed"])["step"].transform("max")]
     default = default_strategy(df)
-    chosen = headline_lines(df, sweep_shrinkage(df))  # the same lines, colours and styles as the headline figure
 
     def curve(rows: pd.DataFrame) -> pd.DataFrame:
         per_seed = rows.groupby(["seed", "k"]).agg(value=("value", "mean"), lo=("ci_low", "mean"), hi=("ci_high", "mean"))
