@@ -15,7 +15,7 @@ import numpy as np
 
 from hooks.encode import EncodeReport, encode_problem
 from training.errors import UsageError
-from training.schema import DecisionPoint, Problem, iter_json_lines, problem_from_dict
+from training.schema import DecisionPoint, Problem, check_problem_tasks, iter_json_lines, problem_from_dict
 
 
 DEFAULTS = {"samples": 16, "p": 0.02, "entropy_quantile": 0.7, "tau": 0.5}
@@ -163,17 +163,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _check_tasks(problems: list[Problem], task: dict | None, where: str) -> None:
-    for i, p in enumerate(problems, 1):
-        t = p.extra.get("task")
-        if t is not None and not isinstance(t, str):
-            raise UsageError(f"{where}: problem {i}: 'task' must be a task name (a string), got {type(t).__name__}")
-    if task:
-        other = {p.extra.get("task") for p in problems} - {None, task.get("name")}
-        if other:
-            raise UsageError(f"{where} holds {sorted(other)[0]!r} problems but the model was trained on {task.get('name')!r}")
-
-
 def _encode_all(tokenizer: Any, problems: list[Problem], where: str, name: str) -> list[Encoded]:
     """Prompt + completion + EOS for each problem; a completion the tokenizer cannot round-trip
     (an unknown word, the prompt/completion boundary inside a token, a decode that differs) is an
@@ -257,7 +246,7 @@ def plan_forks(model: Any, data: Any, out: str | os.PathLike | None = None, veri
             raise UsageError(f"--out {out_path} is the input {data_path}; write the annotated copy to another file")
         if cand.is_dir():
             raise UsageError(f"{cand} (the candidate table beside --out) is a directory; choose another --out")
-    _check_tasks(problems, task, where)
+    check_problem_tasks(problems, task, where, "the model was")
     user_prompts = None
     if chat_template:
         chat = getattr(tokenizer, "chat_prompt", None)

@@ -19,7 +19,7 @@ from hooks.record import CheckpointRecord
 from probes.results_dir import iter_labels
 from training.errors import UsageError
 from training.io import sha256_file
-from training.schema import Problem, read_jsonl
+from training.schema import Problem, check_problem_tasks, read_jsonl
 
 DEFAULT_SAMPLES = 32
 DEFAULT_STRATEGY = "temperature:1.0"
@@ -58,17 +58,6 @@ def _check_same(records: list[CheckpointRecord]) -> None:
                 f"{rec.path} was trained on another task ({rec.task.get('name')}, {rec.task}) than {first.path}: "
                 "measure one task's checkpoints at a time"
             )
-
-
-def _check_eval_tasks(problems: list[Problem], eval_path: Path, task: dict | None) -> None:
-    for i, p in enumerate(problems, 1):
-        t = p.extra.get("task")
-        if t is not None and not isinstance(t, str):
-            raise UsageError(f"{eval_path}: problem {i}: 'task' must be a task name (a string), got {type(t).__name__}")
-    if task:
-        other = {p.extra.get("task") for p in problems} - {None, task.get("name")}
-        if other:
-            raise UsageError(f"{eval_path} holds {sorted(other)[0]!r} problems but the checkpoints were trained on {task.get('name')!r}")
 
 
 def skipped_text(report: EncodeReport, total: int) -> str:
@@ -218,7 +207,7 @@ def plan_run(checkpoints, out=None, eval=None, samples=None, strategies=None, de
     if not problems:
         raise UsageError(f"{eval_path} holds no problems")
     task = next((r.task for r in records if r.task), None)
-    _check_eval_tasks(problems, eval_path, task)
+    check_problem_tasks(problems, task, str(eval_path), "the checkpoints were")
     verify = verifier_for(verifier, task, answer_prefix)
     stop = _check_stop(stop)
     if isinstance(forcing, bool) or not isinstance(forcing, int) or forcing < 0 or forcing == 1:

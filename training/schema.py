@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from training.errors import UsageError
 from training.io import atomic_write
@@ -99,6 +99,19 @@ def problem_from_dict(obj: Any, where: str = "") -> Problem:
         dps.append(DecisionPoint(char=char, branches=list(branches), valid=list(valid), kind=d["kind"], taken=taken))
     extra = {k: v for k, v in obj.items() if k not in ("prompt", "completion", "answer", "decision_points")}
     return Problem(obj["prompt"], obj["completion"], obj["answer"], dps, extra)
+
+
+def check_problem_tasks(problems: Sequence[Problem], task: dict | None, where: str, trained: str) -> None:
+    """Each line's optional ``task`` is a task name, and none names a task other than ``task``, the
+    one ``trained`` ("the model was", "the checkpoints were") trained on."""
+    for i, p in enumerate(problems, 1):
+        t = p.extra.get("task")
+        if t is not None and not isinstance(t, str):
+            raise UsageError(f"{where}: problem {i}: 'task' must be a task name (a string), got {type(t).__name__}")
+    if task:
+        other = {p.extra.get("task") for p in problems} - {None, task.get("name")}
+        if other:
+            raise UsageError(f"{where} holds {sorted(other)[0]!r} problems but {trained} trained on {task.get('name')!r}")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Problem]:
